@@ -1,0 +1,267 @@
+"""Loading models and tokenizers: Hugging Face name, local directory, or an inline config dict.
+
+A *model spec* is one of:
+
+* a string: a Hub name or a local directory, loaded with ``from_pretrained``;
+* a dict: a transformers config, e.g. ``{"model_type": "llama", "hidden_size": 64, ...}``; the model is
+  built with random weights (``from_config``). ``vocab_size`` and the special-token ids default to the
+  tokenizer's, so a tiny config only needs the architecture numbers;
+* an already built ``torch.nn.Module`` (returned as is), for users who construct models themselves.
+
+Pad token choice: a tokenizer without a pad token gets ``pad_token = eos_token`` (the TRL convention;
+it needs no new embedding row). Nothing in this library derives masks from the pad id — every
+function takes an explicit ``attention_mask`` — so sharing the id with EOS is safe. Padding side is
+always set explicitly by the caller: right for training batches, left for generation prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Union
+
+import torch
+from torch import nn
+
+from rlhf_lightning.logprobs import position_ids_from_attention_mask
+
+ModelSpec = Union[str, os.PathLike, Mapping[str, Any], nn.Module]
+
+__all__ = [
+    "ModelSpec",
+    "load_tokenizer",
+    "build_config",
+    "load_causal_lm",
+    "load_reward_model",
+    "reward_model_scores",
+    "CausalLMWithValueHead",
+    "freeze",
+    "resolve_dtype",
+]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; ``None``/``"auto"`` -> ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(str(dtype), str(dtype))
+    if name == "auto":
+        return None
+    resolved = getattr(torch, name, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16 or auto.")
+    return resolved
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    *,
+    padding_side: str = "right",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Load a tokenizer and make it ready for batching.
+
+    Args:
+        name_or_path: Hub name or local directory holding ``tokenizer.json`` / ``tokenizer_config.json``.
+        padding_side: ``"right"`` (training) or ``"left"`` (generation).
+        trust_remote_code: passed to ``AutoTokenizer.from_pretrained``.
+        revision: Hub revision.
+
+    A missing pad token is set to the EOS token (see module docstring); a tokenizer with neither raises.
+    """
+    from transformers import AutoTokenizer
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), trust_remote_code=trust_remote_code, revision=revision
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"Tokenizer {name_or_path!s} has neither a pad nor an EOS token; add one "
+                "(tokenizer.add_special_tokens({'pad_token': '<pad>'})) and resize the model's embeddings."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def build_config(spec: Mapping[str, Any], tokenizer=None, **overrides: Any):
+    """A transformers ``PretrainedConfig`` from an inline dict (``model_type`` is required).
+
+    ``vocab_size`` and pad/bos/eos ids are filled from ``tokenizer`` unless the dict sets them.
+    """
+    from transformers import AutoConfig
+
+    spec = dict(spec)
+    if "model_type" not in spec:
+        raise ValueError(f"An inline model config needs a 'model_type' (e.g. 'llama'); got keys {sorted(spec)}")
+    model_type = spec.pop("model_type")
+    if tokenizer is not None:
+        spec.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, name, None)
+            if value is not None:
+                spec.setdefault(name, value)
+    spec.update(overrides)
+    return AutoConfig.for_model(model_type, **spec)
+
+
+def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust_remote_code=False, revision=None, **config_overrides):
+    if isinstance(spec, nn.Module):
+        return spec
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(spec, Mapping):
+        config = build_config(spec, tokenizer, **config_overrides)
+        model = auto_class.from_config(config)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    kwargs.update(config_overrides)
+    return auto_class.from_pretrained(str(spec), **kwargs)
+
+
+def load_causal_lm(
+    spec: ModelSpec,
+    *,
+    tokenizer=None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """A ``AutoModelForCausalLM`` from a name, a local directory, an inline config dict or a module."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_spec(
+        AutoModelForCausalLM, spec, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+    )
+    if tokenizer is not None and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_reward_model(
+    spec: ModelSpec,
+    *,
+    tokenizer=None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """A sequence classifier with one output (a scalar reward) — from our RM export, any HF sequence
+    classifier, or a causal LM checkpoint (its LM head is dropped and a new score head initialised)."""
+    from transformers import AutoModelForSequenceClassification
+
+    overrides: dict[str, Any] = {"num_labels": 1}
+    if isinstance(spec, nn.Module):
+        model = spec
+    else:
+        model = _from_spec(
+            AutoModelForSequenceClassification,
+            spec,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            **overrides,
+        )
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _score_head(model: nn.Module) -> nn.Module | None:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` index of the last real token of each row, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=-1)
+
+
+def reward_model_scores(reward_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward per sequence, read at the last non-padding token (found from ``attention_mask``).
+
+    Args:
+        reward_model: a HF sequence classifier with one label.
+        input_ids: ``(B, T)``; any padding side.
+        attention_mask: ``(B, T)``.
+
+    Returns:
+        ``(B,)`` float32 scores.
+
+    HF's own pooling locates the last token by comparing ids with ``pad_token_id``, which is wrong when
+    pad == EOS and the sequence ends with EOS; we run the backbone and apply the score head ourselves.
+    """
+    position_ids = position_ids_from_attention_mask(attention_mask)
+    head = _score_head(reward_model)
+    backbone = getattr(reward_model, "base_model", None)
+    if head is None or backbone is None or backbone is reward_model:
+        logits = reward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits.squeeze(-1).float()
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
+    last = last_token_index(attention_mask)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return head(pooled).squeeze(-1).float()
+
+
+class CausalLMWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on the final hidden state (PPO's policy or critic).
+
+    Args:
+        model: a model spec for the causal LM (see module docstring) or a built model.
+        tokenizer: used to fill ``vocab_size``/special ids for inline configs.
+        dtype: parameter dtype for loaded weights.
+        value_head_init_std: std of the value head's normal init (small, so initial values ~ 0).
+
+    ``forward`` returns ``(logits (B, T, V), values (B, T))``; ``values(...)`` skips the LM head
+    when only the critic is needed.
+    """
+
+    def __init__(self, model: ModelSpec, *, tokenizer=None, dtype=None, value_head_init_std: float = 0.0):
+        super().__init__()
+        self.pretrained_model = load_causal_lm(model, tokenizer=tokenizer, dtype=dtype)
+        hidden_size = self.pretrained_model.config.hidden_size
+        self.v_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.v_head.weight, std=value_head_init_std) if value_head_init_std > 0 else nn.init.zeros_(
+            self.v_head.weight
+        )
+        nn.init.zeros_(self.v_head.bias)
+
+    @property
+    def config(self):
+        return self.pretrained_model.config
+
+    def _hidden(self, input_ids, attention_mask, position_ids=None):
+        if position_ids is None:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+        backbone = self.pretrained_model.base_model
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        hidden = self._hidden(input_ids, attention_mask, position_ids)
+        logits = self.pretrained_model.get_output_embeddings()(hidden)
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
+        return logits, values.float()
+
+    def values(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        hidden = self._hidden(input_ids, attention_mask, position_ids)
+        return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Frozen-model contract: eval mode (no dropout), ``requires_grad=False`` everywhere."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
