@@ -25,9 +25,13 @@ from torch import nn
 from rlhf_lightning.logprobs import position_ids_from_attention_mask
 
 ModelSpec = Union[str, os.PathLike, Mapping[str, Any], nn.Module]
+# What a LightningCLI/YAML user can write for a model: an inline config (dict first, so jsonargparse
+# keeps a mapping a mapping) or a name/path.
+ModelSpecArg = Union[dict[str, Any], str]
 
 __all__ = [
     "ModelSpec",
+    "ModelSpecArg",
     "load_tokenizer",
     "build_config",
     "load_causal_lm",

@@ -1,0 +1,85 @@
+"""Supervised fine-tuning (stage one of InstructGPT / DeepSpeed-Chat / TRL pipelines).
+
+Loss: token-mean negative log-likelihood of the completion tokens given the prompt
+(``completion_only_loss=True``, the default), or of every non-padding token after the first.
+Validation reports the same loss and the perplexity ``exp(mean NLL)`` over all scored tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.text import Perplexity
+
+from rlhf_lightning.logprobs import causal_lm_logprobs
+from rlhf_lightning.models import ModelSpecArg, load_causal_lm
+from rlhf_lightning.modules.base import RLHFModuleBase
+from rlhf_lightning.modules.optim import Optimization
+
+__all__ = ["SFTModule"]
+
+IGNORE_INDEX = -100
+
+
+class SFTModule(RLHFModuleBase):
+    def __init__(
+        self,
+        model: ModelSpecArg,
+        tokenizer: str | None = None,
+        *,
+        completion_only_loss: bool = True,
+        optim: Optimization | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """Supervised fine-tuning of a causal LM on prompt/completion demonstrations.
+
+        Args:
+            model: Hub name, local directory, or an inline transformers config dict
+                (``{"model_type": "llama", "hidden_size": 64, ...}``) for a randomly initialised model.
+            tokenizer: tokenizer name or directory; defaults to ``model`` when that is a path or name.
+            completion_only_loss: score only completion tokens (True) or the whole sequence (False).
+            optim: optimizer and learning-rate schedule (see ``Optimization``).
+            dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
+            gradient_checkpointing: recompute activations in backward to save memory.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if not isinstance(model, (str, dict)) else None)
+        self.optim = optim or Optimization()
+        self.completion_only_loss = completion_only_loss
+        self._init_tokenizer(tokenizer, model)
+        self.model = load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.model
+
+    def _score_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.completion_only_loss:
+            return batch["completion_mask"] * batch["attention_mask"]
+        return batch["attention_mask"]
+
+    def _nll(self, batch: dict[str, torch.Tensor], return_logits: bool = False):
+        out = causal_lm_logprobs(
+            self.model, batch["input_ids"], batch["attention_mask"], self._score_mask(batch), return_logits=return_logits
+        )
+        num_tokens = out.mask.sum().clamp(min=1.0)
+        loss = -out.tokens.sum() / num_tokens
+        return loss, out, num_tokens
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _, num_tokens = self._nll(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/tokens", num_tokens, reduce_fx="sum", batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, out, _ = self._nll(batch, return_logits=True)
+        labels = batch["input_ids"][:, 1:].masked_fill(out.mask == 0, IGNORE_INDEX)
+        self.val_perplexity.update(out.logits.float(), labels)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("val/perplexity", self.val_perplexity, prog_bar=True, batch_size=batch_size)
