@@ -1,0 +1,273 @@
+"""LightningDataModules for the three record kinds: demonstrations (SFT), preference pairs (RM, DPO, MODPO)
+and prompts (PPO, Fine-Grained RLHF).
+
+They differ only in the record kind and the collator; everything else — sources, validation split,
+tokenizer resolution, tokenization with caching, DataLoaders — lives in :class:`RLHFDataModule`.
+
+Tokenizer resolution, first that applies: an object set with ``set_tokenizer()`` (or assigned to
+``.tokenizer``); the ``tokenizer`` name/path given to ``__init__``; the attached LightningModule's
+``tokenizer`` attribute (every rlhf-lightning module has one), so a YAML config names it only once.
+
+Under DDP every rank tokenizes the same data (deterministically). With ``cache_dir`` set, ``prepare_data``
+(run once per node) writes the cache and the ranks' ``setup`` read it. Lightning swaps in a
+``DistributedSampler`` itself: the DataLoaders here use the default sampler for that reason.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rlhf_lightning.data.collators import DemonstrationCollator, PreferenceCollator, PromptCollator
+from rlhf_lightning.data.records import RecordSource
+from rlhf_lightning.data.tokenization import TokenizeConfig, TokenizedData, TokenizedDataset, Truncation, load_tokenized
+
+__all__ = ["RLHFDataModule", "DemonstrationDataModule", "PreferenceDataModule", "PromptDataModule"]
+
+
+class RLHFDataModule(L.LightningDataModule):
+    """Shared machinery of the record DataModules; use a subclass (it fixes ``kind`` and the collator)."""
+
+    kind: ClassVar[str]
+    collator_class: ClassVar[type]
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        val_fraction: float = 0.0,
+        tokenizer: str | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        truncation: Truncation = "keep_end",
+        pad_to_multiple_of: int | None = None,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        dataset: Any = None,
+        val_dataset: Any = None,
+        limit_train_records: int | None = None,
+    ):
+        """
+        Args:
+            train_file: JSONL file of training records (one JSON object per line; blank lines are skipped).
+            val_file: JSONL file of validation records; without it, ``val_fraction`` of the training
+                records are held out.
+            val_fraction: fraction of training records held out for validation when there is no
+                ``val_file`` / ``val_dataset`` (a deterministic split by ``seed``); 0 = no validation.
+            tokenizer: tokenizer name or local directory. Optional: a tokenizer object may be supplied with
+                ``set_tokenizer()``, and otherwise the LightningModule's ``tokenizer`` is used.
+            batch_size: training batch size (per device).
+            val_batch_size: validation batch size; defaults to ``batch_size``.
+            max_length: maximum prompt + completion tokens (for prompt data: the prompt limit when
+                ``max_prompt_length`` is not set); ``None`` = no limit.
+            max_prompt_length: maximum prompt tokens; ``None`` = whatever ``max_length`` leaves.
+            truncation: records over the limits: ``"keep_end"`` cuts the start of the prompt and then
+                the end of the completion; ``"error"`` raises naming the record; ``"drop"`` skips it
+                (counted and logged).
+            pad_to_multiple_of: round padded lengths up to a multiple of this (e.g. 8 on GPUs).
+            num_workers: DataLoader worker processes (collation is cheap: 0 is usually fine).
+            cache_dir: folder for the tokenized-data cache, keyed by data content, tokenizer and
+                length settings; ``None`` = tokenize in memory only.
+            seed: seed of the train/validation split.
+            shuffle: shuffle training records every epoch.
+            dataset: training records given in memory instead of ``train_file``: a
+                ``datasets.Dataset`` or a list of dicts.
+            val_dataset: validation records in memory instead of ``val_file``.
+            limit_train_records: keep only the first N training records (after the split) for short runs.
+        """
+        super().__init__()
+        if train_file is not None and dataset is not None:
+            raise ValueError("Give either train_file or dataset, not both.")
+        if val_file is not None and val_dataset is not None:
+            raise ValueError("Give either val_file or val_dataset, not both.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError("batch sizes must be positive")
+        if limit_train_records is not None and limit_train_records < 1:
+            raise ValueError(f"limit_train_records must be positive or None, got {limit_train_records}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be positive or None, got {pad_to_multiple_of}")
+        self.tokenize_config = TokenizeConfig(max_length, max_prompt_length, truncation)  # validates the limits
+        self.train_file = train_file
+        self.val_file = val_file
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.shuffle = shuffle
+        self.dataset = dataset
+        self.val_dataset = val_dataset
+        self.limit_train_records = limit_train_records
+        self.tokenizer_name: str | None = None
+        self._tokenizer: Any = None
+        self.tokenizer = tokenizer
+        self.train_set: TokenizedDataset | None = None
+        self.val_set: TokenizedDataset | None = None
+        self.num_dropped = 0
+        self.score_names: list[str] = []
+
+    # ------------------------------------------------------------------------------------------ tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded on first use; see the module docstring for where it comes from)."""
+        if self._tokenizer is None:
+            if self.tokenizer_name is not None:
+                from rlhf_lightning.models import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.tokenizer_name, padding_side="right")
+            else:
+                module = self.trainer.lightning_module if self.trainer is not None else None
+                self._tokenizer = getattr(module, "tokenizer", None)
+            if self._tokenizer is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs a tokenizer: pass tokenizer=<name or path>, call "
+                    "set_tokenizer(tokenizer), or attach it to a LightningModule that has a `tokenizer` attribute."
+                )
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        if value is None or isinstance(value, (str, os.PathLike)):
+            self.tokenizer_name = None if value is None else os.fspath(value)
+            self._tokenizer = None
+        else:
+            self._tokenizer = value
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use this tokenizer object (e.g. the module's own); call before ``setup``."""
+        self.tokenizer = tokenizer
+
+    def _pad_token_id(self) -> int:
+        tokenizer = self.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token id to pad with.")
+        return pad
+
+    # ------------------------------------------------------------------------------------ loading / setup
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.train_set is not None or self.val_set is not None
+
+    def _tokenized(self, source: RecordSource) -> TokenizedData:
+        data = load_tokenized(source, self.kind, self.tokenizer, self.tokenize_config, cache_dir=self.cache_dir)
+        self.num_dropped += data.num_dropped
+        return data
+
+    def load(self) -> None:
+        """Load, validate and tokenize every source once (idempotent); ``setup`` calls it."""
+        if self.is_loaded:
+            return
+        train_source = self.train_file if self.train_file is not None else self.dataset
+        val_source = self.val_file if self.val_file is not None else self.val_dataset
+        if train_source is None and val_source is None:
+            raise ValueError(f"{type(self).__name__} has no data: set train_file (or dataset) and/or val_file.")
+        self.num_dropped = 0
+        train = self._tokenized(train_source) if train_source is not None else None
+        val = self._tokenized(val_source) if val_source is not None else None
+        if val is None and train is not None and self.val_fraction > 0:
+            train, val = self._split(train)
+        if train is not None and self.limit_train_records is not None:
+            train = train.select(range(min(self.limit_train_records, len(train))))
+        if train is not None and val is not None and train.score_names != val.score_names:
+            raise ValueError(f"Train and validation score objectives differ: {train.score_names} vs {val.score_names}")
+        reference = train if train is not None else val
+        self.score_names = list(reference.score_names)
+        self.train_set = TokenizedDataset(train) if train is not None else None
+        self.val_set = TokenizedDataset(val) if val is not None else None
+
+    def _split(self, data: TokenizedData) -> tuple[TokenizedData, TokenizedData]:
+        n = len(data)
+        num_val = max(1, round(n * self.val_fraction))
+        if num_val >= n:
+            raise ValueError(f"val_fraction={self.val_fraction} leaves no training records out of {n}.")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        # Sorted so each split keeps the file's order (its `index` then follows file order too).
+        return data.select(sorted(order[num_val:])), data.select(sorted(order[:num_val]))
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before `setup`: fill the disk cache so the other ranks only read it.
+        if self.cache_dir is not None:
+            self.load()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    # ---------------------------------------------------------------------------------------- dataloaders
+
+    def collator(self):
+        """The batch collator (a picklable callable, so ``num_workers > 0`` works)."""
+        return self.collator_class(pad_token_id=self._pad_token_id(), pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def _loader(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.load()
+        if self.train_set is None:
+            raise ValueError(f"{type(self).__name__} has no training data: set train_file or dataset.")
+        return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.load()
+        if self.val_set is None:
+            return []  # Lightning skips validation
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+
+class DemonstrationDataModule(RLHFDataModule):
+    """Demonstrations for SFT: records ``{"prompt", "completion"}`` or chat ``{"messages": [...]}``.
+
+    Batches: ``input_ids``, ``attention_mask``, ``completion_mask`` ``(B, T)`` right padded (the completion
+    mask is 1 on completion tokens including EOS), ``index (B,)``.
+    """
+
+    kind = "demonstration"
+    collator_class = DemonstrationCollator
+
+
+class PreferenceDataModule(RLHFDataModule):
+    """Preference pairs for reward modeling, DPO and MODPO: records ``{"prompt", "chosen", "rejected"}`` with
+    optional ``margin`` and ``chosen_scores`` / ``rejected_scores`` (``{objective: float}``).
+
+    Batches: ``{chosen,rejected}_{input_ids,attention_mask,completion_mask}`` right padded, ``index (B,)``,
+    ``margin (B,)`` when records have it, ``chosen_scores`` / ``rejected_scores`` ``(B, K)`` when records have
+    scores; column k is objective ``score_names[k]`` (sorted names, fixed at load time).
+    """
+
+    kind = "pair"
+    collator_class = PreferenceCollator
+
+
+class PromptDataModule(RLHFDataModule):
+    """Prompts for PPO and Fine-Grained RLHF: records ``{"prompt"}`` (or chat ``messages``) plus any extra
+    fields, which reach the batch as lists (e.g. facts a reward function checks against).
+
+    Batches (LEFT padded, ready for ``generate``): ``prompt_input_ids``, ``prompt_attention_mask`` ``(B, P)``,
+    ``index (B,)``, ``prompt_text: list[str]``. The Trainer's ``max_steps`` decides how long PPO runs; the
+    loader simply starts a new (reshuffled) epoch whenever the prompts run out.
+    """
+
+    kind = "prompt"
+    collator_class = PromptCollator
