@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+try:  # Lightning is only needed for fit/validate/test; `data` should start instantly.
+    from lightning.pytorch.cli import LightningCLI
+except ImportError:  # pragma: no cover
+    raise
 
 __all__ = ["RLHFLightningCLI", "main", "cli_main"]
 
