@@ -13,17 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-try:  # Lightning is only needed for fit/validate/test; `data` should start instantly.
-    from lightning.pytorch.cli import LightningCLI
-except ImportError:  # pragma: no cover
-    raise
+from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["RLHFLightningCLI", "main", "cli_main"]
 
-EXTRA_COMMANDS = {
-    "data": "rlhf_lightning.synthetic.__main__:main",
-    "pipeline": "rlhf_lightning.pipeline:main",
-}
+from rlhf_lightning.console import EXTRA_COMMANDS, run_extra_command
 
 
 class RLHFLightningCLI(LightningCLI):
@@ -69,18 +63,10 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> RLHFLightnin
     )
 
 
-def _call_entry(target: str, argv: list[str]) -> int | None:
-    module_name, attr = target.split(":")
-    import importlib
-
-    return importlib.import_module(module_name).__dict__[attr](argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in EXTRA_COMMANDS:
-        code = _call_entry(EXTRA_COMMANDS[words[0]], words[1:])
-        raise SystemExit(code or 0)
+        raise SystemExit(run_extra_command(words[0], words[1:]))
     cli_main(argv)
 
 
