@@ -38,7 +38,13 @@ class RLHFLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("run_dir"):
+            # One switch moves everything a run writes: checkpoints, exports and logger output.
             config["trainer"]["default_root_dir"] = config["run_dir"]
+            loggers = config["trainer"].get("logger")
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                init_args = logger.get("init_args") if hasattr(logger, "get") else None
+                if init_args is not None and "save_dir" in init_args:
+                    init_args["save_dir"] = config["run_dir"]
         model_args = config.get("model", {}).get("init_args", {}) if isinstance(config.get("model"), dict) else {}
         data = config.get("data")
         if data is not None and "init_args" in data:

@@ -7,8 +7,12 @@ import os
 import pytest
 import torch
 
-# Two cores in CI: more intra-op threads than cores only adds contention.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per process: the models here are tiny, and with several processes (DDP tests,
+# CI's 2 cores) OpenMP threads spin-wait against each other — measured 25x slower steps with 2 threads
+# under contention. Set before torch spawns its pool; subprocesses inherit the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
 
 TEST_WORDS = (
     "the a movie film story actor actors plot was is were great good bad awful boring fun loved hated "
@@ -61,3 +65,68 @@ def tiny_model(tokenizer, tiny_config):
 @pytest.fixture(scope="session")
 def assets_dir() -> str:
     return os.path.join(os.path.dirname(__file__), "assets")
+
+
+# ---- the embedded world, shared by the learning tests (marked slow) ----------------------------
+# One small world, one SFT policy and one sentiment reward model per session, trained through the
+# very configs and CLI the pipeline uses, only shortened.
+
+SMALL_POLICY_ARGS = [
+    "--model.init_args.model.hidden_size=64",
+    "--model.init_args.model.intermediate_size=192",
+    "--model.init_args.model.num_hidden_layers=2",
+    "--model.init_args.model.num_attention_heads=4",
+    "--model.init_args.model.num_key_value_heads=4",
+]
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory) -> str:
+    from rlhf_lightning.synthetic import write_world
+
+    path = tmp_path_factory.mktemp("world")
+    write_world(path, seed=0, n_demonstrations=3000, n_val_demonstrations=200, n_pairs=2000, n_val_pairs=300,
+                n_prompts=300, n_eval_prompts=100, label_noise=0.1)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sft_policy_dir(world_dir, tmp_path_factory) -> str:
+    from rlhf_lightning.pipeline import fit_stage
+
+    stage = tmp_path_factory.mktemp("sft")
+    export = fit_stage(
+        "sft.yaml",
+        stage,
+        [
+            f"--model.init_args.tokenizer={world_dir}/tokenizer",
+            *SMALL_POLICY_ARGS,
+            f"--data.init_args.train_file={world_dir}/sft_train.jsonl",
+            f"--data.init_args.val_file={world_dir}/sft_val.jsonl",
+            "--trainer.max_steps=400",
+            "--trainer.val_check_interval=200",
+            "--trainer.limit_val_batches=4",
+            "--model.init_args.optim.lr=5e-3",
+        ],
+        quiet=True,
+    )
+    return str(export)
+
+
+@pytest.fixture(scope="session")
+def rm_dir(world_dir, sft_policy_dir, tmp_path_factory) -> str:
+    from rlhf_lightning.pipeline import fit_stage
+
+    stage = tmp_path_factory.mktemp("reward_model")
+    export = fit_stage(
+        "reward_model.yaml",
+        stage,
+        [
+            f"--model.init_args.model={sft_policy_dir}",
+            f"--data.init_args.train_file={world_dir}/pairs_sentiment_train.jsonl",
+            f"--data.init_args.val_file={world_dir}/pairs_sentiment_val.jsonl",
+            "--trainer.max_steps=150",
+        ],
+        quiet=True,
+    )
+    return str(export)
