@@ -10,6 +10,7 @@ from rlhf_lightning.rewards.ensemble import EnsembleRewardSource, aggregate_ense
 from rlhf_lightning.rewards.gold import GoldRewardSource, gold_scorer
 from rlhf_lightning.rewards.reward_model import RewardModelSource
 from rlhf_lightning.rewards.segment import FunctionSegmentRewardSource, SegmentRewards, SegmentRewardSource
+from rlhf_lightning.rewards.fine_grained import FineGrainedReward, FunctionSegmentScorer, GoldSegmentScorer, RepetitionPenalty, SegmentRewardBatch, SegmentRewardSpec, SegmentScorer, SegmentTextScorer  # noqa: E501
 from rlhf_lightning.rewards.transforms import RewardTransform, RunningMoments
 
 __all__ = [
