@@ -58,7 +58,11 @@ class RLHFModuleBase(L.LightningModule):
         return build_optimizer(self.trainable_named_parameters(), self.optim, total_steps)
 
     def on_fit_start(self) -> None:
-        # Lightning moves every registered submodule; frozen models must stay frozen whatever a user did.
+        # transformers 5 returns from_pretrained models in eval mode and Lightning keeps module modes as
+        # they are: put the trainable policy in train mode, frozen models stay in eval.
+        policy = self.policy
+        if policy is not None:
+            policy.train()
         reference = self.reference
         if reference is not None:
             reference.eval()

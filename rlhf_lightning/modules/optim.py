@@ -91,3 +91,8 @@ def build_optimizer(parameters: Iterable[tuple[str, torch.nn.Parameter]], optim:
         ),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# Modules keep ``optim`` in their hyperparameters; let ``load_from_checkpoint`` (weights_only=True by
+# default in torch >= 2.6) unpickle it.
+torch.serialization.add_safe_globals([Optimization])

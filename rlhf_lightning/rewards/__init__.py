@@ -9,8 +9,18 @@ from rlhf_lightning.rewards.base import FunctionRewardSource, RewardSource, impo
 from rlhf_lightning.rewards.ensemble import EnsembleRewardSource, aggregate_ensemble
 from rlhf_lightning.rewards.gold import GoldRewardSource, gold_scorer
 from rlhf_lightning.rewards.reward_model import RewardModelSource
+from rlhf_lightning.rewards.implicit import ImplicitRewardSource
 from rlhf_lightning.rewards.segment import FunctionSegmentRewardSource, SegmentRewards, SegmentRewardSource
-from rlhf_lightning.rewards.fine_grained import FineGrainedReward, FunctionSegmentScorer, GoldSegmentScorer, RepetitionPenalty, SegmentRewardBatch, SegmentRewardSpec, SegmentScorer, SegmentTextScorer  # noqa: E501
+from rlhf_lightning.rewards.fine_grained import (
+    FineGrainedReward,
+    FunctionSegmentScorer,
+    GoldSegmentScorer,
+    RepetitionPenalty,
+    SegmentRewardBatch,
+    SegmentRewardSpec,
+    SegmentScorer,
+    SegmentTextScorer,
+)
 from rlhf_lightning.rewards.transforms import RewardTransform, RunningMoments
 
 __all__ = [
@@ -27,4 +37,13 @@ __all__ = [
     "SegmentRewards",
     "FunctionSegmentRewardSource",
     "import_object",
+    "ImplicitRewardSource",
+    "FineGrainedReward",
+    "FunctionSegmentScorer",
+    "GoldSegmentScorer",
+    "RepetitionPenalty",
+    "SegmentRewardBatch",
+    "SegmentRewardSpec",
+    "SegmentScorer",
+    "SegmentTextScorer",
 ]

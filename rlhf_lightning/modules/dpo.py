@@ -1,0 +1,288 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and its IPO / SLiC-hinge / robust variants.
+
+The loss is :func:`~rlhf_lightning.losses.dpo_loss` on sequence log-probs of the chosen and rejected
+completions under the trainable policy and a frozen reference. Both sides go through ONE forward per
+model (:mod:`~rlhf_lightning.modules.pair_forward`).
+
+Where this departs from the paper, and why:
+
+* ``loss_type="ipo"`` feeds *length-averaged* log-probs (as TRL does): with summed log-probs the
+  IPO target ``1/(2 beta)`` is negligible next to the log-ratios of long completions. The reported
+  ``logps/*`` and ``rewards/*`` are then per-token too.
+* ``precompute_reference=True`` computes the reference log-probs once before training (keyed by the
+  batch's ``index`` column, cached on disk by a fingerprint of the tokenized data, the reference
+  weights and the averaging flag) and then deletes the reference: training holds one model. The
+  numbers are those of the live reference in eval mode (no dropout), so both modes give the same loss.
+* The reference's weights are not written into checkpoints (they are rebuilt from ``reference`` /
+  ``model`` at load time and re-inserted before the state dict is loaded, so loading stays strict).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from rlhf_lightning.losses import DPO_LOSS_TYPES, dpo_loss
+from rlhf_lightning.models import ModelSpecArg, freeze, load_causal_lm
+from rlhf_lightning.modules.base import RLHFModuleBase
+from rlhf_lightning.modules.optim import Optimization
+from rlhf_lightning.modules.pair_forward import PairLogps, pair_logps, reference_pair_logps
+from rlhf_lightning.reference_cache import (
+    PerIndexValues,
+    cached_per_index,
+    combine_fingerprints,
+    dataset_fingerprint,
+    model_fingerprint,
+)
+
+__all__ = ["DPOModule"]
+
+log = logging.getLogger(__name__)
+
+_REF_PREFIX = "ref_model."
+
+
+class DPOModule(RLHFModuleBase):
+    def __init__(
+        self,
+        model: ModelSpecArg,
+        tokenizer: str | None = None,
+        *,
+        reference: ModelSpecArg | None = None,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        precompute_reference: bool = False,
+        reference_cache_dir: str | None = None,
+        optim: Optimization | None = None,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """Fine-tune a causal LM on preference pairs with DPO (or IPO / hinge / robust DPO).
+
+        Args:
+            model: the policy to train: Hub name, local directory (e.g. the SFT export), or an inline
+                transformers config dict for a randomly initialised model.
+            tokenizer: tokenizer name or directory; defaults to ``model`` when that is a path or name.
+            reference: the frozen reference policy; ``None`` uses a copy of the initial ``model``
+                (the usual choice: the SFT model).
+            beta: inverse strength of the implicit KL constraint (0.1 in the paper).
+            loss_type: ``"sigmoid"`` (DPO), ``"ipo"`` (on length-averaged log-probs), ``"hinge"``
+                (SLiC-HF) or ``"robust"`` (rDPO).
+            label_smoothing: assumed label-flip rate: conservative DPO for ``"sigmoid"``, the rDPO
+                correction for ``"robust"``; must be 0 for the others.
+            precompute_reference: compute the reference log-probs once over the train and validation
+                data before training, then delete the reference model (saves its memory and forward).
+            reference_cache_dir: folder to cache precomputed reference log-probs across runs; ``None``
+                recomputes them each run. Only used with ``precompute_reference``.
+            optim: optimizer and learning-rate schedule (see ``Optimization``).
+            dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
+            gradient_checkpointing: recompute the policy's activations in backward to save memory.
+
+        Logged (``train/`` per step, ``val/`` per validation epoch; names as in TRL): ``loss``,
+        ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+        ``logps/chosen``, ``logps/rejected``, ``logits/chosen``, ``logits/rejected``.
+        """
+        super().__init__()
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if reference_cache_dir is not None and not precompute_reference:
+            raise ValueError("reference_cache_dir is only used with precompute_reference=True.")
+        self.save_hyperparameters(
+            ignore=[name for name, value in (("model", model), ("reference", reference)) if not isinstance(value, (str, dict, type(None)))]
+        )
+        self.optim = optim or Optimization()
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.average_logps = loss_type == "ipo"
+        self.precompute_reference = precompute_reference
+        self.reference_cache_dir = reference_cache_dir
+        self._init_tokenizer(tokenizer, model)
+        self.model = load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype)
+        # A copy, not a second load: an inline config would otherwise draw different random weights.
+        ref = copy.deepcopy(self.model) if reference is None else load_causal_lm(reference, tokenizer=self.tokenizer, dtype=dtype)
+        self.ref_model: torch.nn.Module | None = freeze(ref)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self._ref_values: dict[str, PerIndexValues] = {}
+        self.reference_cache_hits: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.model
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """The frozen reference, or None once precomputed log-probs have replaced it."""
+        return self.ref_model
+
+    def _pad_token_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    # ------------------------------------------------------------------------------ precomputed reference
+
+    def setup(self, stage: str) -> None:
+        if not self.precompute_reference or self.ref_model is None:
+            return
+        splits: dict[str, DataLoader | None] = {}
+        if stage == "fit":
+            splits["train"] = _stage_dataloader(self.trainer, "train", stage)
+        if stage in ("fit", "validate") and self.trainer.limit_val_batches != 0:  # 0 = validation disabled: nothing to precompute
+            splits["val"] = _stage_dataloader(self.trainer, "val", stage)
+        if not any(loader is not None for loader in splits.values()):
+            return  # nothing to precompute for this stage; keep the live reference
+        self.precompute_reference_logps({name: loader for name, loader in splits.items() if loader is not None})
+
+    def precompute_reference_logps(self, loaders: dict[str, DataLoader]) -> None:
+        """Compute (or load from ``reference_cache_dir``) the reference log-probs of every example of
+        each loader, then delete the reference model.
+
+        Runs before the strategy moves the module, so the reference is moved to the run's device here.
+        Every rank computes all rows (deterministic); only global rank zero writes the cache.
+        """
+        ref = self.ref_model
+        assert ref is not None
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else next(ref.parameters()).device
+        is_writer = trainer is None or trainer.is_global_zero
+        weights = model_fingerprint(ref)
+        ref.to(device)
+        pad = self._pad_token_id()
+
+        def fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            out = reference_pair_logps(ref, batch, average=self.average_logps, pad_token_id=pad)
+            return {"ref_chosen_logps": out.chosen_logps, "ref_rejected_logps": out.rejected_logps}
+
+        for split, loader in loaders.items():
+            fingerprint = combine_fingerprints(
+                kind="dpo-reference-logps", data=dataset_fingerprint(loader.dataset), reference=weights, average=self.average_logps
+            )
+            values, hit = cached_per_index(
+                loader, fn, fingerprint=fingerprint, cache_dir=self.reference_cache_dir, name=f"ref-logps-{split}",
+                device=device, write=is_writer,
+            )
+            self._ref_values[split] = values
+            self.reference_cache_hits[split] = hit
+            log.info("reference log-probs for %s: %s (%d rows)", split, "cache hit" if hit else "computed", len(values))
+        if trainer is not None:
+            trainer.strategy.barrier("dpo_reference_cache")
+        # Drop the reference: from here on training holds one model.
+        self.ref_model = None
+        del ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ref_model is not None:
+            out = reference_pair_logps(self.ref_model, batch, average=self.average_logps, pad_token_id=self._pad_token_id())
+            return out.chosen_logps, out.rejected_logps
+        values = self._ref_values.get(split)
+        if values is None:
+            raise RuntimeError(
+                f"DPOModule: the reference was replaced by precomputed log-probs, but none exist for the {split!r} data. "
+                "Precomputation covers the train and val dataloaders of `fit`/`validate`."
+            )
+        found = values.lookup(batch["index"])
+        return found["ref_chosen_logps"], found["ref_rejected_logps"]
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str):
+        policy_out: PairLogps = pair_logps(
+            self.model, batch, average=self.average_logps, return_logits_mean=True, pad_token_id=self._pad_token_id()
+        )
+        ref_chosen, ref_rejected = self._reference_logps(batch, split)
+        losses, chosen_rewards, rejected_rewards, extra_metrics = self._pair_loss(policy_out, ref_chosen, ref_rejected, batch, split)
+        loss = losses.mean()
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_out.chosen_logps.detach().mean(),
+            "logps/rejected": policy_out.rejected_logps.detach().mean(),
+            "logits/chosen": policy_out.chosen_logits_mean,
+            "logits/rejected": policy_out.rejected_logits_mean,
+            **extra_metrics,
+        }
+        return loss, metrics
+
+    def _pair_loss(
+        self, policy_out: PairLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, batch: dict[str, torch.Tensor], split: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(losses, chosen_rewards, rejected_rewards)`` each ``(B,)``, plus extra metrics; MODPO overrides it."""
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_out.chosen_logps,
+            policy_out.rejected_logps,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )
+        return losses, chosen_rewards, rejected_rewards, {}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self._step(batch, "train")
+        batch_size = batch["chosen_input_ids"].shape[0]
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        _, metrics = self._step(batch, "val")
+        batch_size = batch["chosen_input_ids"].shape[0]
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), batch_size=batch_size, sync_dist=True)
+        return metrics  # detached scalars, for callbacks (``on_validation_batch_end``)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The reference is frozen and rebuilt from its spec: do not store a second copy of the model.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(_REF_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Put the current reference's weights back so strict loading still checks everything else.
+        if self.ref_model is not None and "state_dict" in checkpoint:
+            for key, value in self.ref_model.state_dict().items():
+                checkpoint["state_dict"].setdefault(_REF_PREFIX + key, value)
+
+
+def _stage_dataloader(trainer, split: str, stage: str) -> DataLoader | None:
+    """The train / val dataloader the trainer is about to use (datamodule or loaders passed to ``fit``)."""
+    if trainer is None:
+        return None
+    datamodule = getattr(trainer, "datamodule", None)
+    loader = None
+    try:
+        if datamodule is not None:
+            loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
+        else:  # loaders passed straight to trainer.fit(...)
+            if split == "train":
+                source = trainer.fit_loop._data_source
+            elif stage == "validate":
+                source = trainer.validate_loop._data_source
+            else:
+                source = trainer.fit_loop.epoch_loop.val_loop._data_source
+            loader = source.dataloader() if source.is_defined() else None
+    except NotImplementedError:
+        loader = None
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if len(loader) == 1 else None
+    if isinstance(loader, DataLoader) and len(loader.dataset) > 0:
+        return loader
+    return None
