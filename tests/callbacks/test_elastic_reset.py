@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from callback_testkit import (
+from tests.callbacks.callback_testkit import (
     MLPPolicyModule,
     assert_same_tensors,
     crash_then_resume,
@@ -34,7 +34,8 @@ class CheckedElasticReset(ElasticReset):
 
     def reset(self, trainer, pl_module):
         former_ema = {k: v.clone() for k, v in self.ema_state_dict().items()}
-        assert not torch.equal(next(iter(former_ema.values())), pl_module.policy[0].weight)
+        online = params(pl_module.policy)
+        assert any(not torch.equal(former_ema[k], online[k]) for k in former_ema), "EMA equals the policy: a no-op reset"
         super().reset(trainer, pl_module)
         # online <- former EMA, exactly (float32 policy, float32 EMA)
         assert_same_tensors(params(pl_module.policy), former_ema)

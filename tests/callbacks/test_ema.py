@@ -3,7 +3,7 @@ gets its own weights back, and a crash-and-resume run equals an uninterrupted on
 
 import pytest
 import torch
-from callback_testkit import (
+from tests.callbacks.callback_testkit import (
     MLPPolicyModule,
     assert_same_tensors,
     crash_then_resume,

@@ -3,7 +3,7 @@ hook contract's errors, and a crash-and-resume run that keeps the coefficient.""
 
 import pytest
 import torch
-from callback_testkit import PPOLikeModule, crash_then_resume, dataloader, make_trainer, uninterrupted
+from tests.callbacks.callback_testkit import PPOLikeModule, crash_then_resume, dataloader, make_trainer, uninterrupted
 
 from rlhf_lightning.callbacks import AdaptiveKLController, FixedKLController
 from rlhf_lightning.callbacks.kl_control import AdaptiveKL, FixedKL

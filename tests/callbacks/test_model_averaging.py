@@ -4,7 +4,7 @@ averages with the checkpointed initial weights."""
 
 import pytest
 import torch
-from callback_testkit import HFPolicyModule, assert_same_tensors, crash_then_resume, make_trainer, dataloader, uninterrupted
+from tests.callbacks.callback_testkit import HFPolicyModule, assert_same_tensors, crash_then_resume, make_trainer, dataloader, uninterrupted
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_lightning.callbacks import ModelAveraging
