@@ -6,7 +6,18 @@ A *model spec* is one of:
 * a dict: a transformers config, e.g. ``{"model_type": "llama", "hidden_size": 64, ...}``; the model is
   built with random weights (``from_config``). ``vocab_size`` and the special-token ids default to the
   tokenizer's, so a tiny config only needs the architecture numbers;
-* an already built ``torch.nn.Module`` (returned as is), for users who construct models themselves.
+* an already built ``torch.nn.Module`` (returned as is), for users who construct models themselves;
+* a weight soup ``{"soup": [spec, spec, ...], "weights": [w, w, ...]}``: the weighted average of the
+  parameters of several checkpoints of one architecture (``weights`` optional, uniform by default,
+  normalised to sum to 1), built by :func:`rlhf_lightning.weights.load_soup`. Every module loads its
+  models through this file, so any model slot takes a soup — e.g. the SALSA reference (Chegini et al.
+  2024, an average of SFT runs as the KL reference of PPO or the reference of DPO), in YAML::
+
+      reference:
+        soup: [outputs/sft/hf/final, outputs/sft_seed1/hf/final]
+        weights: [0.5, 0.5]
+
+  or a weight-averaged reward model (WARM, Ramé et al. 2024) wherever a reward model spec is taken.
 
 Pad token choice: a tokenizer without a pad token gets ``pad_token = eos_token`` (the TRL convention;
 it needs no new embedding row). Nothing in this library derives masks from the pad id — every
@@ -16,8 +27,10 @@ always set explicitly by the caller: right for training batches, left for genera
 
 from __future__ import annotations
 
+import functools
+import math
 import os
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -34,6 +47,8 @@ __all__ = [
     "ModelSpecArg",
     "load_tokenizer",
     "build_config",
+    "is_soup_spec",
+    "soup_members",
     "load_causal_lm",
     "load_reward_model",
     "reward_model_scores",
@@ -113,6 +128,41 @@ def build_config(spec: Mapping[str, Any], tokenizer=None, **overrides: Any):
     return AutoConfig.for_model(model_type, **spec)
 
 
+def is_soup_spec(spec: Any) -> bool:
+    """True for a weight-soup spec: a mapping with a ``"soup"`` key (see the module docstring)."""
+    return isinstance(spec, Mapping) and "soup" in spec
+
+
+def soup_members(spec: Mapping[str, Any]) -> tuple[list[ModelSpec], list[float] | None]:
+    """The member specs and raw weights (None: uniform) of a soup spec, checked; raises ``ValueError``."""
+    extra = sorted(set(spec) - {"soup", "weights"})
+    if extra:
+        raise ValueError(
+            f"A soup spec takes 'soup' (a list of model specs) and optional 'weights'; got extra keys {extra}. "
+            "An inline transformers config must not have a 'soup' key."
+        )
+    members = spec["soup"]
+    if isinstance(members, (str, bytes, os.PathLike, Mapping, nn.Module)) or not isinstance(members, Sequence):
+        raise ValueError(f"'soup' must be a list of model specs (names or directories), got {members!r}")
+    members = list(members)
+    if not members:
+        raise ValueError("'soup' must list at least one model spec")
+    weights = spec.get("weights")
+    if weights is None:
+        return members, None
+    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
+        raise ValueError(f"soup 'weights' must be a list of numbers, got {weights!r}")
+    if len(weights) != len(members):
+        raise ValueError(f"soup 'weights' has {len(weights)} values for {len(members)} models in 'soup'")
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"soup 'weights' must be numbers, got {list(weights)!r}") from None
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"soup 'weights' must be finite, >= 0 and not all zero, got {weights}")
+    return members, weights
+
+
 def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust_remote_code=False, revision=None, **config_overrides):
     if isinstance(spec, nn.Module):
         return spec
@@ -138,12 +188,17 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ):
-    """A ``AutoModelForCausalLM`` from a name, a local directory, an inline config dict or a module."""
+    """A ``AutoModelForCausalLM`` from a name, a local directory, an inline config dict, a module or a
+    weight soup ``{"soup": [...], "weights": [...]}`` (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    model = _from_spec(
-        AutoModelForCausalLM, spec, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
-    )
+    if is_soup_spec(spec):
+        loader = functools.partial(load_causal_lm, trust_remote_code=trust_remote_code, revision=revision)
+        model = _load_soup_spec(spec, loader, tokenizer=tokenizer, dtype=dtype)
+    else:
+        model = _from_spec(
+            AutoModelForCausalLM, spec, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+        )
     if tokenizer is not None and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -158,12 +213,16 @@ def load_reward_model(
     revision: str | None = None,
 ):
     """A sequence classifier with one output (a scalar reward) — from our RM export, any HF sequence
-    classifier, or a causal LM checkpoint (its LM head is dropped and a new score head initialised)."""
+    classifier, or a causal LM checkpoint (its LM head is dropped and a new score head initialised); a
+    soup spec averages several reward models (WARM)."""
     from transformers import AutoModelForSequenceClassification
 
     overrides: dict[str, Any] = {"num_labels": 1}
     if isinstance(spec, nn.Module):
         model = spec
+    elif is_soup_spec(spec):
+        loader = functools.partial(load_reward_model, trust_remote_code=trust_remote_code, revision=revision)
+        model = _load_soup_spec(spec, loader, tokenizer=tokenizer, dtype=dtype)
     else:
         model = _from_spec(
             AutoModelForSequenceClassification,
@@ -177,6 +236,13 @@ def load_reward_model(
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _load_soup_spec(spec: Mapping[str, Any], loader, *, tokenizer=None, dtype=None) -> nn.Module:
+    from rlhf_lightning.weights import load_soup
+
+    members, weights = soup_members(spec)
+    return load_soup(members, weights, tokenizer=tokenizer, dtype=dtype, loader=loader)
 
 
 def _score_head(model: nn.Module) -> nn.Module | None:

@@ -19,9 +19,10 @@ first state dict, never averaged.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -312,41 +313,61 @@ def average_state_dicts(state_dicts: Sequence[StateDict], weights: Sequence[floa
 
 
 @torch.no_grad()
-def load_soup(model_specs: Sequence, weights: Sequence[float] | None = None, *, tokenizer=None, dtype=None):
-    """A causal LM whose weights are the weighted average of several checkpoints of one architecture.
+def load_soup(
+    model_specs: Sequence,
+    weights: Sequence[float] | None = None,
+    *,
+    tokenizer=None,
+    dtype=None,
+    loader: Callable[..., nn.Module] | None = None,
+):
+    """A model whose weights are the weighted average of several checkpoints of one architecture.
 
     Args:
-        model_specs: model specs as accepted by ``rlhf_lightning.models.load_causal_lm`` (Hub names or
-            local ``save_pretrained`` directories; built modules also work).
+        model_specs: model specs as accepted by ``loader`` (Hub names or local ``save_pretrained``
+            directories; built modules also work — they are read, never modified).
         weights: soup weights (normalised); uniform when None.
-        tokenizer: passed to ``load_causal_lm`` (fills the pad id).
+        tokenizer: passed to ``loader`` (fills the pad id).
         dtype: parameter dtype of the loaded models.
+        loader: ``loader(spec, tokenizer=..., dtype=...) -> nn.Module``; default
+            ``rlhf_lightning.models.load_causal_lm`` (``load_reward_model`` gives a reward-model soup).
 
     Models are loaded one at a time into a float32 running sum, so memory is about two models, not N.
     Raises ``ValueError`` naming the offending spec when architectures, parameter names or shapes differ.
     """
-    from rlhf_lightning.models import load_causal_lm
+    if loader is None:
+        from rlhf_lightning.models import load_causal_lm as loader
 
     model_specs = list(model_specs)
     weights = _normalized_weights(weights, len(model_specs))
-    soup = load_causal_lm(model_specs[0], tokenizer=tokenizer, dtype=dtype)
+    first = loader(model_specs[0], tokenizer=tokenizer, dtype=dtype)
+    # A built module given as the first member must not be overwritten by the average.
+    soup = copy.deepcopy(first) if isinstance(model_specs[0], nn.Module) else first
     first_sd = soup.state_dict()
     first_arch = _architecture(soup)
     acc = _start_accumulator(first_sd, weights[0])
     for spec, weight in zip(model_specs[1:], weights[1:]):
-        model = load_causal_lm(spec, tokenizer=tokenizer, dtype=dtype)
+        model = loader(spec, tokenizer=tokenizer, dtype=dtype)
         arch = _architecture(model)
         if arch != first_arch:
-            raise ValueError(f"Cannot average {spec!r} ({arch}) with {model_specs[0]!r} ({first_arch}): architectures differ")
+            raise ValueError(
+                f"Cannot average {_spec_name(spec)} ({arch}) with {_spec_name(model_specs[0])} ({first_arch}): "
+                "architectures differ"
+            )
         state_dict = model.state_dict()
         try:
-            _check_same_shapes(first_sd, state_dict, repr(model_specs[0]), repr(spec))
+            _check_same_shapes(first_sd, state_dict, _spec_name(model_specs[0]), _spec_name(spec))
         except ValueError as err:
             raise ValueError(f"Cannot average these checkpoints: {err}") from None
         _accumulate_(acc, state_dict, weight)
         del model, state_dict
     soup.load_state_dict(_finish_accumulator(acc, first_sd))
     return soup
+
+
+def _spec_name(spec) -> str:
+    """A short name of a model spec for error messages (a built module's repr spans pages)."""
+    return f"<built {type(spec).__name__}>" if isinstance(spec, nn.Module) else repr(spec)
 
 
 def _architecture(model: nn.Module) -> str:

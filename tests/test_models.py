@@ -1,5 +1,7 @@
 """Model loading: inline configs, the real from_pretrained path (a local directory), RM pooling, value head."""
 
+import os
+
 import pytest
 import torch
 
@@ -83,3 +85,126 @@ def test_freeze_and_dtype_aliases(tiny_model):
     assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("auto") is None
     with pytest.raises(ValueError):
         resolve_dtype("float7")
+
+
+# ---- weight soups as model specs (SALSA reference, WARM reward model) -------------------------------------
+
+
+@pytest.fixture()
+def two_checkpoints(tmp_path, tokenizer, tiny_config):
+    """Two tiny Llamas of one architecture, different weights, saved with the tokenizer: (dir_a, dir_b, sd_a, sd_b)."""
+    dirs, states = [], []
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        model = load_causal_lm(tiny_config, tokenizer=tokenizer)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        dirs.append(str(tmp_path / name))
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return dirs[0], dirs[1], states[0], states[1]
+
+
+def assert_is_mix(model, state_a, state_b, weight_a):
+    """Every tensor equals weight_a * a + (1 - weight_a) * b, element by element."""
+    state = model.state_dict()
+    assert state.keys() == state_a.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, weight_a * state_a[name] + (1.0 - weight_a) * state_b[name], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_soup_spec_is_the_weighted_average_of_its_checkpoints(two_checkpoints, tokenizer):
+    dir_a, dir_b, state_a, state_b = two_checkpoints
+    assert_is_mix(load_causal_lm({"soup": [dir_a, dir_b]}, tokenizer=tokenizer), state_a, state_b, 0.5)
+    # weights are normalised: [3, 1] -> 0.75 / 0.25
+    soup = load_causal_lm({"soup": [dir_a, dir_b], "weights": [3, 1]}, tokenizer=tokenizer)
+    assert_is_mix(soup, state_a, state_b, 0.75)
+    assert soup.config.pad_token_id == tokenizer.pad_token_id
+    # a one-member soup is that checkpoint, bit for bit; a soup can be nested in a soup
+    assert_is_mix(load_causal_lm({"soup": [dir_a]}), state_a, state_b, 1.0)
+    nested = load_causal_lm({"soup": [{"soup": [dir_a, dir_b]}, dir_b]})  # (a + b) / 2 averaged with b
+    assert_is_mix(nested, state_a, state_b, 0.25)
+
+
+@torch.no_grad()
+def test_reward_model_soup(tmp_path, tokenizer, tiny_config):
+    states, dirs = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = load_reward_model(tiny_config, tokenizer=tokenizer)
+        model.save_pretrained(tmp_path / f"rm{seed}")
+        dirs.append(str(tmp_path / f"rm{seed}"))
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    soup = load_reward_model({"soup": dirs, "weights": [0.2, 0.8]}, tokenizer=tokenizer)
+    assert any("score" in name for name in soup.state_dict())  # the score heads are averaged too
+    assert_is_mix(soup, states[0], states[1], 0.2)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"soup": []}, "at least one"),
+        ({"soup": "outputs/sft/hf/final"}, "list of model specs"),
+        ({"soup": ["a", "b"], "weights": [1.0]}, "1 values for 2 models"),
+        ({"soup": ["a", "b"], "weights": [1.0, -1.0]}, ">= 0"),
+        ({"soup": ["a", "b"], "weights": [0, 0]}, "not all zero"),
+        ({"soup": ["a", "b"], "weights": ["x", 1]}, "numbers"),
+        ({"soup": ["a", "b"], "model_type": "llama"}, "extra keys"),
+    ],
+)
+def test_bad_soup_specs_are_rejected_before_loading(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_causal_lm(spec)
+
+
+@torch.no_grad()
+def test_dpo_and_ppo_take_a_soup_reference(two_checkpoints, tmp_path, assets_dir):
+    """The reference of DPO and PPO is the soup (the policy is the first checkpoint), and both train with it."""
+    from rlhf_lightning.generation import SamplingConfig
+    from rlhf_lightning.modules import DPOModule, Optimization, PPOModule
+    from rlhf_lightning.rewards import FunctionRewardSource
+
+    from tests.modules.test_dpo import fit as fit_dpo
+    from tests.modules.test_ppo import count_positive, fit as fit_ppo
+
+    dir_a, dir_b, state_a, state_b = two_checkpoints
+    soup = {"soup": [dir_a, dir_b], "weights": [0.25, 0.75]}
+    dpo = DPOModule(dir_a, reference=soup, optim=Optimization(lr=1e-3))
+    ppo = PPOModule(
+        dir_a, reference=soup, reward=FunctionRewardSource(count_positive), ppo_epochs=1, num_minibatches=1,
+        sampling=SamplingConfig(max_new_tokens=4), log_samples_every_n_steps=0,
+    )
+    for module in (dpo, ppo):
+        assert_is_mix(module.reference, state_a, state_b, 0.25)
+        assert_is_mix(module.policy, state_a, state_b, 1.0)
+    with torch.enable_grad():
+        fit_dpo(dpo, tmp_path / "dpo", dir_a, assets_dir, max_steps=1, limit_val_batches=0)
+        fit_ppo(ppo, tmp_path / "ppo", dir_a, assets_dir, max_steps=1)
+    for module in (dpo, ppo):  # the frozen soup is untouched by training
+        assert_is_mix(module.reference, state_a, state_b, 0.25)
+    assert "soup" in dpo.hparams["reference"]  # the spec is saved, so a checkpoint rebuilds the same reference
+
+
+def test_soup_reference_from_yaml(two_checkpoints, tmp_path, assets_dir):
+    """A soup reference written in YAML on top of configs/dpo.yaml reaches the module."""
+    from rlhf_lightning.cli import cli_main
+
+    dir_a, dir_b, state_a, state_b = two_checkpoints
+    override = tmp_path / "soup_reference.yaml"
+    override.write_text(
+        "model:\n"
+        "  init_args:\n"
+        f"    model: {dir_a}\n"
+        "    reference:\n"
+        f"      soup: [{dir_a}, {dir_b}]\n"
+        "      weights: [0.5, 0.5]\n"
+        f"    reference_cache_dir: {tmp_path / 'cache'}\n"
+        "data:\n"
+        "  init_args:\n"
+        f"    train_file: {os.path.join(assets_dir, 'pairs_tiny.jsonl')}\n"
+        f"    val_file: {os.path.join(assets_dir, 'pairs_tiny.jsonl')}\n"
+    )
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "dpo.yaml")
+    cli = cli_main(["--config", config, "--config", str(override), f"--run_dir={tmp_path / 'run'}"], run=False)
+    assert_is_mix(cli.model.reference, state_a, state_b, 0.5)
+    assert_is_mix(cli.model.policy, state_a, state_b, 1.0)

@@ -161,3 +161,29 @@ def test_load_soup_from_checkpoints(tmp_path, init_and_trained, tokenizer, tiny_
     )
     with pytest.raises(ValueError, match="architectures differ"):
         load_soup([str(tmp_path / "a"), other])
+
+
+@torch.no_grad()
+def test_load_soup_of_built_modules_leaves_them_alone(init_and_trained):
+    init, trained = init_and_trained
+    before = {k: v.clone() for k, v in init.state_dict().items()}
+    soup = load_soup([init, trained], weights=[1, 3])
+    assert soup is not init
+    for name, tensor in init.state_dict().items():  # the first member is read, not overwritten by the average
+        assert torch.equal(tensor, before[name]), name
+    for name, tensor in soup.state_dict().items():
+        assert_close(tensor, 0.25 * before[name] + 0.75 * trained.state_dict()[name], rtol=0, atol=1e-6)
+
+
+def test_load_soup_uses_the_given_loader():
+    calls = []
+
+    def loader(spec, *, tokenizer=None, dtype=None):
+        calls.append((spec, tokenizer, dtype))
+        layer = torch.nn.Linear(2, 1, bias=False)
+        layer.weight.data.fill_(float(spec))
+        return layer
+
+    soup = load_soup([1.0, 4.0], weights=[2, 1], loader=loader, tokenizer="tok", dtype="float32")
+    assert_close(soup.weight, torch.full((1, 2), 2.0))  # (2 * 1 + 1 * 4) / 3
+    assert calls == [(1.0, "tok", "float32"), (4.0, "tok", "float32")]
