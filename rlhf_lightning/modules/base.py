@@ -1,6 +1,7 @@
 """What every module shares: tokenizer loading, the ``policy``/``reference``/``export_model`` hooks that
-callbacks use, and the optimizer. Kept deliberately thin — methods compose helpers, they do not
-inherit behaviour from deep chains."""
+callbacks use, the optimizer, and placement under sharded strategies (``configure_model``: FSDP2 when
+the strategy is ``ModelParallelStrategy``, see :mod:`rlhf_lightning.strategies`). Kept deliberately
+thin — methods compose helpers, they do not inherit behaviour from deep chains."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from rlhf_lightning.models import ModelSpec, load_tokenizer
 from rlhf_lightning.modules.optim import Optimization, build_optimizer
+from rlhf_lightning.strategies import apply_fsdp2, export_state_dict
 
 __all__ = ["RLHFModuleBase", "resolve_tokenizer_path"]
 
@@ -49,6 +51,25 @@ class RLHFModuleBase(L.LightningModule):
     def export_model(self) -> torch.nn.Module:
         """The Hugging Face model written by the export callback (``save_pretrained``-able)."""
         return self.policy
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full state dict of :meth:`export_model` when its weights are sharded (FSDP2, FSDP1, ZeRO-3),
+        gathered on global rank 0 (``None`` on the others); ``None`` when they are whole (one device, DDP,
+        ZeRO-1/2). A collective under sharding: the export callback calls it on every rank.
+        """
+        return export_state_dict(self, self.export_model())
+
+    def models_to_shard(self) -> dict[str, torch.nn.Module]:
+        """``{name: model}`` that :meth:`configure_model` places under FSDP2: every child module with
+        parameters (policy, value head or critic, reference, ...). Trainable ones are sharded, frozen
+        ones sharded or replicated per the strategy's ``frozen_models``. Override to change the set."""
+        return {name: child for name, child in self.named_children() if next(child.parameters(), None) is not None}
+
+    def configure_model(self) -> None:
+        """Shard the models with FSDP2 when the strategy is ``ModelParallelStrategy`` (configs/strategy/
+        fsdp2.yaml); a no-op under every other strategy (DDP replicates, FSDP1 and DeepSpeed wrap the
+        module themselves)."""
+        apply_fsdp2(self, self.models_to_shard())
 
     def trainable_named_parameters(self):
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]

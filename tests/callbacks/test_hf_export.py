@@ -27,3 +27,23 @@ def test_export_replaces_previous_atomically(tmp_path, tiny_model, tokenizer):
     torch.testing.assert_close(next(reloaded.parameters()), next(tiny_model.parameters()))
     # no staging or retired directories left behind
     assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_export_writes_the_modules_gathered_state_dict(tmp_path, tiny_model, tokenizer):
+    """Under sharding a module's own weights are shards: HFExport writes ``export_state_dict()`` (the
+    gathered full weights, on rank 0) instead, whenever the module returns one."""
+    from types import SimpleNamespace
+
+    from rlhf_lightning.callbacks.hf_export import HFExport
+
+    gathered = {name: tensor + 1.0 for name, tensor in tiny_model.state_dict().items()}
+    barriers = []
+    module = SimpleNamespace(export_model=lambda: tiny_model, export_state_dict=lambda: gathered, tokenizer=tokenizer)
+    trainer = SimpleNamespace(
+        is_global_zero=True, default_root_dir=str(tmp_path), strategy=SimpleNamespace(barrier=barriers.append)
+    )
+    path = HFExport().export(trainer, module, "final")
+    assert path == str(tmp_path / "hf" / "final") and barriers == ["hf_export"]
+    reloaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    for name, tensor in gathered.items():
+        torch.testing.assert_close(reloaded[name], tensor, msg=name)
