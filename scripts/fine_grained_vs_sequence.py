@@ -1,69 +1,47 @@
-"""Fine-grained vs sequence-level rewards with the same sources and the same reward budget.
+"""Fine-grained vs sequence-level rewards: the same sources, the same reward budget, several seeds (issue 7).
 
-Runs ``configs/fine_grained.yaml`` and ``configs/fine_grained_sequence.yaml`` for ``--steps`` rollouts
-each (same seed, same prompts), scores the policy on fixed held-out prompts every ``--eval-every``
-steps with the gold scorers, writes ``curves.csv`` and ``curves.png`` to ``--out``, and prints the
-steps each run needs to reach ``--threshold`` on the gold score.
+Runs ``configs/fine_grained.yaml`` (segment-level rewards) and ``configs/fine_grained_sequence.yaml``
+(the same sources paid once per completion) for ``--steps`` rollouts per seed, scores the policy on
+fixed held-out prompts every ``--eval-every`` rollouts with the gold scorers, and writes to ``--out``:
 
-The gold score is the budget-weighted sum of the sources' gold totals: ``sum_k w_k * gold_k.total``
-(sentiment + 0.5 fluency with the shipped configs); sentiment/fluency/consistency are also recorded.
+* ``curves.csv`` — one row per evaluation: variant, seed, step, gold, each objective, KL to the SFT policy;
+* ``train.csv`` — one row per rollout: the training metrics (``reward/raw`` is the per-episode total of
+  the segment rewards, the same budget in both variants);
+* ``curves.png`` — gold score and KL vs rollouts (thin: seeds, thick: mean over seeds);
+* ``summary.md`` — rollouts needed to reach gold thresholds, per seed, and final scores.
 
-    python scripts/fine_grained_vs_sequence.py --steps 60 --eval-every 10 --threshold 0.6
-    python scripts/fine_grained_vs_sequence.py --policy DIR --tokenizer DIR   # another policy
+The gold score is the budget-weighted sum of the gold sources' sequence totals,
+``sum_k w_k * gold_k.total`` (sentiment + 0.5 fluency with the shipped configs). Thresholds are set
+after the runs, at fractions of the way from the SFT score (step 0) to the best mean-over-seeds score
+either variant reached, so that "fewer steps" is measured at several levels rather than one hand-picked.
+
+    python scripts/fine_grained_vs_sequence.py --seeds 0 1 --steps 80 --eval-every 5 --out /tmp/fg
+    python scripts/fine_grained_vs_sequence.py --merge /tmp/fg_seed0 /tmp/fg_seed1 --out /tmp/fg   # seeds run apart
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
 
-import lightning as L
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rlhf_lightning.cli import cli_main
-from rlhf_lightning.evaluation import evaluate_policy
-from rlhf_lightning.rewards import GoldRewardSource, GoldSegmentScorer
+from gold_curves import GoldCurve, fit_config, group_runs, read_runs, mean_curve, plot_mean_and_seeds, read_prompts, steps_to_reach, write_csv  # noqa: E402
 
-RUNS = {"fine_grained": "configs/fine_grained.yaml", "sequence": "configs/fine_grained_sequence.yaml"}
-OBJECTIVES = ("sentiment", "fluency", "consistency")
+from rlhf_lightning.rewards import GoldSegmentScorer  # noqa: E402
+from rlhf_lightning.synthetic import GOLD_OBJECTIVES  # noqa: E402
 
-
-class GoldCurve(L.Callback):
-    """Gold scores of the policy on fixed prompts at step 0 and every ``every`` rollouts."""
-
-    def __init__(self, prompts: list[str], every: int, weights: dict[str, float], max_new_tokens: int, seed: int) -> None:
-        self.prompts, self.every, self.weights = prompts, every, weights
-        self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.rows: list[dict[str, float]] = []
-
-    def evaluate(self, module, step: int) -> None:
-        scorers = {f"gold/{name}": GoldRewardSource(name) for name in OBJECTIVES}
-        was_training = module.training
-        result = evaluate_policy(
-            module.policy, module.tokenizer, self.prompts, scorers=scorers, reference=module.reference,
-            max_new_tokens=self.max_new_tokens, temperature=1.0, do_sample=True, batch_size=len(self.prompts),
-            seed=self.seed,  # the same samples' noise at every evaluation and in both runs
-        )
-        module.train(was_training)
-        row = {"step": step, **{name: float(result.metrics[f"score/gold/{name}"]) for name in OBJECTIVES}}
-        row["gold"] = sum(w * row[name] for name, w in self.weights.items())
-        row["kl_to_reference"] = float(result.metrics.get("kl_to_reference", float("nan")))
-        self.rows.append(row)
-        print(f"  step {step:4d}  gold {row['gold']:+.3f}  " + "  ".join(f"{n} {row[n]:+.3f}" for n in OBJECTIVES), flush=True)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.evaluate(pl_module, 0)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
-            self.evaluate(pl_module, trainer.global_step)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+VARIANTS = {
+    "fine_grained": os.path.join(CONFIG_DIR, "fine_grained.yaml"),
+    "sequence": os.path.join(CONFIG_DIR, "fine_grained_sequence.yaml"),
+}
 
 
 def budget_weights(module) -> dict[str, float]:
-    """``{objective: weight}`` of the gold sources of a FineGrainedPPOModule's segment rewards."""
+    """``{objective: weight}`` of the gold sources among a FineGrainedPPOModule's segment rewards."""
     weights: dict[str, float] = {}
     for spec in module.fine_grained.specs:
         if isinstance(spec.source, GoldSegmentScorer):
@@ -71,108 +49,139 @@ def budget_weights(module) -> dict[str, float]:
     return weights
 
 
-def run(name: str, config: str, args, eval_prompts: list[str]) -> list[dict[str, float]]:
-    overrides = [
-        "--config", config,
-        f"--seed_everything={args.seed}",
+def overrides(args, variant: str, seed: int) -> list[str]:
+    out = [
+        f"--seed_everything={seed}",
+        f"--model.init_args.seed={seed}",
         f"--trainer.max_steps={args.steps}",
         "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0",
-        "--trainer.callbacks=[]",
         "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={os.path.join(args.out, name)}",
+        f"--trainer.default_root_dir={os.path.join(args.out, 'runs', f'{variant}_seed{seed}')}",
         f"--model.init_args.policy={args.policy}",
         f"--model.init_args.tokenizer={args.tokenizer}",
-        f"--model.init_args.sampling.max_new_tokens={args.max_new_tokens}",
-        f"--model.init_args.log_samples_every_n_steps=0",
+        "--model.init_args.log_samples_every_n_steps=0",
         f"--data.init_args.train_file={args.prompts}",
         "--data.init_args.val_file=null",
-        f"--data.init_args.batch_size={args.batch_size}",
     ]
-    cli = cli_main(overrides, run=False)
-    curve = GoldCurve(eval_prompts, args.eval_every, budget_weights(cli.model), args.max_new_tokens, args.seed)
-    cli.trainer.callbacks.append(curve)
-    start = time.time()
-    print(f"[{name}] {config}: {args.steps} rollouts of {args.batch_size}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    print(f"[{name}] done in {time.time() - start:.0f}s", flush=True)
-    return curve.rows
+    if args.batch_size is not None:
+        out.append(f"--data.init_args.batch_size={args.batch_size}")
+    if args.max_new_tokens is not None:
+        out.append(f"--model.init_args.sampling.max_new_tokens={args.max_new_tokens}")
+    return out + list(args.override)
 
 
-def steps_to(rows: list[dict[str, float]], threshold: float) -> int | None:
-    return next((int(r["step"]) for r in rows if r["gold"] >= threshold), None)
+def summarize(curves: dict[str, list[list[dict]]], fractions: list[float], seeds: list[int]) -> str:
+    """Markdown: thresholds, rollouts to reach each per variant and seed, and final / best mean scores."""
+    start = [rows[0]["gold"] for runs in curves.values() for rows in runs]
+    start_mean = sum(start) / len(start)
+    best = max(max(mean_curve(runs, "gold")[1]) for runs in curves.values())
+    lines = [
+        f"SFT gold score (step 0): {start_mean:+.3f}; best mean-over-seeds gold: {best:+.3f}",
+        "",
+        "| threshold | gold | " + " | ".join(f"{v} seed {s}" for v in curves for s in seeds) + " |",
+        "|---|---|" + "---|" * (len(curves) * len(seeds)),
+    ]
+    for fraction in fractions:
+        threshold = start_mean + fraction * (best - start_mean)
+        cells = []
+        for runs in curves.values():
+            for rows in runs:
+                reached = steps_to_reach(rows, threshold)
+                cells.append("not reached" if reached is None else str(reached))
+        lines.append(f"| {fraction:.0%} of the way | {threshold:+.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "| variant | final gold | final KL | " + " | ".join(f"final {o}" for o in GOLD_OBJECTIVES) + " | train s |",
+              "|---|---|---|" + "---|" * len(GOLD_OBJECTIVES) + "---|"]
+    for variant, runs in curves.items():
+        n = len(runs)
+        final = {key: sum(rows[-1][key] for rows in runs) / n for key in ("gold", "kl_to_reference", "train_time_s", *GOLD_OBJECTIVES)}
+        lines.append(
+            f"| {variant} (mean of {n}) | {final['gold']:+.3f} | {final['kl_to_reference']:.2f} | "
+            + " | ".join(f"{final[o]:+.3f}" for o in GOLD_OBJECTIVES) + f" | {final['train_time_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", default="outputs/sft/hf/final")
-    parser.add_argument("--tokenizer", default="outputs/world/tokenizer")
-    parser.add_argument("--prompts", default="outputs/world/prompts_train.jsonl")
-    parser.add_argument("--eval-prompts", default="outputs/world/prompts_eval.jsonl")
-    parser.add_argument("--num-eval-prompts", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--threshold", type=float, default=None, help="gold score to reach (default: midway "
-                        "between the initial score and the best score either run reached)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="outputs/fine_grained_vs_sequence")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-
-    import json
-
-    with open(args.eval_prompts) as f:
-        eval_prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: args.num_eval_prompts]
-    curves = {name: run(name, config, args, eval_prompts) for name, config in RUNS.items()}
-
-    csv_path = os.path.join(args.out, "curves.csv")
-    with open(csv_path, "w", newline="") as f:
-        columns = ["run", "step", "gold", *OBJECTIVES, "kl_to_reference"]
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for name, rows in curves.items():
-            for row in rows:
-                writer.writerow({"run": name, **row})
-
-    threshold = args.threshold
-    if threshold is None:
-        start = curves["fine_grained"][0]["gold"]
-        best = max(r["gold"] for rows in curves.values() for r in rows)
-        threshold = start + 0.5 * (best - start)
-
+def plot(curves: dict[str, list[list[dict]]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, rows in curves.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["gold"] for r in rows], marker="o", label=name)
-        axes[1].plot(steps, [r["kl_to_reference"] for r in rows], marker="o", label=name)
-    axes[0].axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
-    axes[0].set(xlabel="rollouts", ylabel="gold score (budget-weighted)", title="Gold score on held-out prompts")
-    axes[1].set(xlabel="rollouts", ylabel="KL to reference", title="Drift")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.5))
+    plot_mean_and_seeds(axes[0], curves, "gold")
+    plot_mean_and_seeds(axes[1], curves, "sentiment")
+    plot_mean_and_seeds(axes[2], curves, "kl_to_reference")
+    plot_mean_and_seeds(axes[3], curves, "response_length")
+    axes[0].set(xlabel="rollouts", ylabel="gold (budget-weighted)", title="Gold score of the reward's sources")
+    axes[1].set(xlabel="rollouts", ylabel="gold sentiment", title="Sentiment")
+    axes[2].set(xlabel="rollouts", ylabel="KL(policy || SFT) [nats / seq]", title="Drift")
+    axes[3].set(xlabel="rollouts", ylabel="tokens (incl. EOS)", title="Completion length")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    png_path = os.path.join(args.out, "curves.png")
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
-    print(f"wrote {csv_path} and {png_path}")
-    print(f"steps to gold >= {threshold:.3f} (evaluated every {args.eval_every}):")
-    for name, rows in curves.items():
-        reached = steps_to(rows, threshold)
-        final = rows[-1]
-        print(f"  {name:13s} {'not reached' if reached is None else reached:>12}   final gold {final['gold']:+.3f}"
-              f"   final KL {final['kl_to_reference']:.3f}")
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", default="outputs/sft/hf/final", help="starting policy (a directory or an inline config JSON)")
+    parser.add_argument("--tokenizer", default="outputs/world/tokenizer")
+    parser.add_argument("--prompts", default="outputs/world/prompts_train.jsonl")
+    parser.add_argument("--eval-prompts", default="outputs/world/prompts_eval.jsonl")
+    parser.add_argument("--num-eval-prompts", type=int, default=128)
+    parser.add_argument("--fine-grained-config", default=VARIANTS["fine_grained"])
+    parser.add_argument("--sequence-config", default=VARIANTS["sequence"],
+                        help="the same sources as --fine-grained-config, at sequence granularity")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=80, help="rollouts per run")
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per rollout (default: the configs')")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the configs'")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9],
+                        help="thresholds, as fractions of the way from the SFT score to the best mean score")
+    parser.add_argument("--override", nargs="*", default=[], help="extra CLI overrides for every run, e.g. --model.init_args.kl_coef=0.1")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="train nothing: summarise the curves.csv / train.csv of earlier --out folders together")
+    parser.add_argument("--out", default="outputs/fine_grained_vs_sequence")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    if args.merge:
+        eval_rows, train_rows = read_runs(args.merge, "curves.csv"), read_runs(args.merge, "train.csv")
+    else:
+        eval_prompts = read_prompts(args.eval_prompts, args.num_eval_prompts)
+        eval_rows, train_rows = [], []
+        for seed in args.seeds:
+            for variant in args.variants:
+                print(f"[{variant} seed {seed}] {args.steps} rollouts", flush=True)
+                curve = GoldCurve(eval_prompts, args.eval_every, max_new_tokens=args.max_new_tokens or 48)
+                started = time.perf_counter()
+
+                def set_weights(module, curve=curve):
+                    curve.weights = budget_weights(module)
+
+                config = args.fine_grained_config if variant == "fine_grained" else args.sequence_config
+                fit_config(config, overrides(args, variant, seed), curve, on_module=set_weights)
+                print(f"[{variant} seed {seed}] done in {time.perf_counter() - started:.0f} s", flush=True)
+                eval_rows += [{"variant": variant, "seed": seed, **row} for row in curve.rows]
+                train_rows += [{"variant": variant, "seed": seed, **row} for row in curve.train_rows]
+    variants = [v for v in args.variants if any(r["variant"] == v for r in eval_rows)]
+    curves, seeds = group_runs(eval_rows, variants)
+
+    write_csv(os.path.join(args.out, "curves.csv"), eval_rows, first=["variant", "seed", "step", "gold"])
+    write_csv(os.path.join(args.out, "train.csv"), train_rows, first=["variant", "seed", "step"])
+    plot(curves, os.path.join(args.out, "curves.png"))
+    summary = summarize(curves, args.fractions, seeds)
+    with open(os.path.join(args.out, "summary.md"), "w") as handle:
+        handle.write(summary)
+    print(summary)
+    print(f"wrote curves.csv, train.csv, curves.png, summary.md to {args.out}")
     return 0
 
 

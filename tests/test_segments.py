@@ -143,3 +143,63 @@ def test_shifted_grid_matches_rollout_convention():
     assert columns.tolist() == [2, 5]
     assert mask[0, columns].tolist() == [1, 1] and input_ids[0, columns + 1].tolist() == [7, 3]
     assert columns[-1] == mask.shape[1] - 1  # the last completion token is the last action
+
+
+# ---- edge cases of issue 7: empty completion, no punctuation, truncated last segment ----------------
+
+
+def test_segmenters_on_empty_and_whitespace_completions():
+    for text in ("", "   ", "\n"):
+        assert sentence_spans(text) == [] and sub_sentence_spans(text) == []
+        assert sub_sentence_spans(text, min_words=1) == []
+        assert sequence_spans(text) == [(0, len(text))]  # paid anyway (on EOS, see the module docstring)
+    # a completion of marks only is one segment at every granularity, not dropped
+    assert sentence_spans("...") == sub_sentence_spans("...") == [(0, 3)]
+
+
+def test_segmenters_without_punctuation():
+    text = "the plot was thin and the acting fine"
+    for spans_fn in (sentence_spans, sub_sentence_spans, sequence_spans):
+        assert spans_fn(text) == [(0, len(text))]
+    # a single word is shorter than min_words but has nothing to merge with: it stays one segment
+    assert sub_sentence_spans("great") == [(0, 5)]
+    # surrounding whitespace is never part of a segment
+    assert texts("  great fun  ", sentence_spans("  great fun  ")) == ["great fun"]
+
+
+def test_truncated_last_segment_merges_backward_within_its_sentence():
+    text = "wow. the plot was thin, and"  # cut after "and" by max_new_tokens
+    assert texts(text, sentence_spans(text)) == ["wow.", "the plot was thin, and"]
+    # "and" (1 word < 3) is the last piece of its sentence: glued to the clause before it
+    assert texts(text, sub_sentence_spans(text)) == ["wow.", "the plot was thin, and"]
+    assert texts(text, sub_sentence_spans(text, min_words=1)) == ["wow.", "the plot was thin,", "and"]
+    # the truncated piece is long enough: it is its own segment
+    text = "the plot was thin, and the acting was"
+    assert texts(text, sub_sentence_spans(text)) == ["the plot was thin,", "and the acting was"]
+
+
+def test_mapping_without_punctuation_and_without_eos():
+    tokenizer = _word_level()
+    text = "the plot was thin and fine acting"
+    with_eos = _completion_ids(tokenizer, text)
+    truncated = with_eos[:-1]  # max_new_tokens reached: no EOS
+    for ids in (with_eos, truncated):
+        ends = token_char_ends(tokenizer, ids, text)
+        (index,) = char_ends_to_token_indices([e for _, e in sentence_spans(text)], ends)
+        assert index == len(truncated) - 1  # the last word: EOS (if any) is not part of the sentence
+    assert token_char_ends(tokenizer, [], "") == []  # nothing generated: no token to pay
+
+
+def test_bpe_mapping_of_a_completion_cut_inside_a_word():
+    tokenizer = _bpe()
+    full = tokenizer("Wow!! Great fun, truly.", add_special_tokens=False)["input_ids"]
+    # cut the generation one token before the end of "truly" (BPE splits the rare word in pieces)
+    cut = next(n for n in range(len(full), 0, -1) if not tokenizer.decode(full[:n]).endswith(("truly", "truly.")))
+    ids = full[:cut]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert text.startswith("Wow!! Great fun,") and not text.endswith((".", "truly"))
+    spans = sentence_spans(text)
+    assert texts(text, spans) == ["Wow!!", text[len("Wow!! "):]]  # the cut sentence is the last segment
+    index = char_ends_to_token_indices([e for _, e in spans], token_char_ends(tokenizer, ids, text))
+    assert index[-1] == len(ids) - 1  # paid on the last generated token
+    assert tokenizer.decode(ids[: index[0] + 1]) == "Wow!!"

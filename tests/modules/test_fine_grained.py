@@ -120,3 +120,37 @@ def test_smoke_fit_logs_each_source(tmp_path, tokenizer_dir, tiny_config, assets
     assert float(metrics["reward/sentiment"]) + float(metrics["reward/repetition"]) == pytest.approx(float(metrics["reward/raw"]), abs=1e-5)
     changed = any(not torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
     assert changed
+
+
+@pytest.mark.slow
+def test_fine_grained_config_raises_its_gold_score_on_the_embedded_world(world_dir, sft_policy_dir, tmp_path):
+    """configs/fine_grained.yaml (sentence-level sentiment + fluency, sub-sentence repetition penalty) through
+    the CLI from the session's small SFT policy, shortened to 25 rollouts of 16 prompts: the budget-weighted
+    gold score (sentiment + 0.5 fluency) of samples on held-out prompts rises over the SFT policy's."""
+    from rlhf_lightning.cli import cli_main
+    from rlhf_lightning.evaluation import evaluate_policy
+    from rlhf_lightning.models import load_causal_lm, load_tokenizer
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "fine_grained.yaml")
+    tokenizer_dir = os.path.join(world_dir, "tokenizer")
+    with open(os.path.join(world_dir, "prompts_eval.jsonl")) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:64]
+
+    def gold(policy_dir):
+        result = evaluate_policy(load_causal_lm(policy_dir), load_tokenizer(tokenizer_dir, padding_side="left"), prompts,
+                                 scorers=["sentiment", "fluency"], max_new_tokens=32, batch_size=64, seed=0)
+        return result.metrics["gold/sentiment"] + 0.5 * result.metrics["gold/fluency"]
+
+    root = tmp_path / "fine_grained"
+    cli_main([
+        "fit", "--config", config, f"--run_dir={root}",
+        f"--model.init_args.policy={sft_policy_dir}", f"--model.init_args.tokenizer={tokenizer_dir}",
+        "--model.init_args.sampling.max_new_tokens=32", "--model.init_args.ppo_epochs=2",
+        "--model.init_args.num_minibatches=2", "--model.init_args.optim.warmup_steps=2",
+        "--model.init_args.log_samples_every_n_steps=0",
+        f"--data.init_args.train_file={world_dir}/prompts_train.jsonl", "--data.init_args.val_file=null",
+        "--data.init_args.batch_size=16", "--trainer.max_steps=25", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    ])
+    before, after = gold(sft_policy_dir), gold(root / "hf" / "final")
+    assert after > before + 0.15, (before, after)  # measured 0.43 -> 0.80

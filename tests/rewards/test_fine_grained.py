@@ -145,3 +145,27 @@ def test_native_segment_source_and_validation(tokenizer):
     bad = SegmentRewardSpec(FunctionSegmentScorer(lambda p, c, s: [1.0], name="bad"), "sentence")
     with pytest.raises(ValueError, match="one score per span"):
         FineGrainedReward([bad]).score(["p"], ["a. b."])
+
+
+def test_placement_edge_cases_empty_unpunctuated_truncated(tokenizer):
+    """Empty completion: no sentence to pay, the sequence segment lands on EOS; no punctuation: the one
+    sentence ends on its last word; truncated (no EOS): everything ends on the last generated token."""
+    eos = tokenizer.eos_token_id
+    sentence = SegmentRewardSpec(FunctionSegmentScorer(lambda p, c, s: [1.0] * len(s), name="sent"), "sentence")
+    sequence = SegmentRewardSpec(FunctionSegmentScorer(lambda p, c, s: [10.0] * len(s), name="seq"), "sequence")
+    reward = FineGrainedReward([sentence, sequence])
+    unpunctuated = "the movie was great"
+    words = tokenizer(unpunctuated, add_special_tokens=False)["input_ids"]
+    completions = ["", unpunctuated, unpunctuated, ""]
+    ids = [[eos], words + [eos], words, []]  # the last row generated nothing at all (no token to pay)
+    batch = reward(["p"] * 4, completions, ids, tokenizer)
+
+    def paid(i):
+        return sorted(zip(batch.positions[i][batch.mask[i]].tolist(), batch.rewards[i][batch.mask[i]].tolist()))
+
+    assert paid(0) == [(0, 10.0)]  # EOS only
+    assert paid(1) == [(len(words) - 1, 1.0), (len(words), 10.0)]  # "great", then EOS
+    assert paid(2) == [(len(words) - 1, 1.0), (len(words) - 1, 10.0)]  # both on "great", the last action
+    assert paid(3) == []
+    torch.testing.assert_close(batch.totals, torch.tensor([10.0, 11.0, 11.0, 0.0]))
+    torch.testing.assert_close(batch.per_source["sent"][:3], torch.tensor([0.0, 1.0, 1.0]))
