@@ -98,7 +98,9 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 
     # ---- stage 1: the margin reward model (consistency) ----------------------------------------------
     started = time.perf_counter()
-    rm_overrides = [f"--seed_everything={args.seed}", f"--model.init_args.model={sft}", *data_overrides(world, MARGIN)]
+    # The margin RM is a small model trained from scratch (configs/modpo_margin_rm.yaml): it needs only the tokenizer.
+    rm_overrides = [f"--seed_everything={args.seed}", f"--model.init_args.tokenizer={world}/tokenizer",
+                    *data_overrides(world, MARGIN)]
     if args.rm_steps:
         rm_overrides += [f"--trainer.max_steps={args.rm_steps}", f"--trainer.val_check_interval={args.rm_steps}"]
     fit_stage(materialize_config("modpo_margin_rm.yaml", run_dir), run_dir / "modpo_margin_rm", rm_overrides, quiet=True)

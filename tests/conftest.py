@@ -123,6 +123,8 @@ def rm_dir(world_dir, sft_policy_dir, tmp_path_factory) -> str:
         stage,
         [
             f"--model.init_args.model={sft_policy_dir}",
+            f"--model.init_args.tokenizer={world_dir}/tokenizer",  # the config names outputs/world's
+            "--model.init_args.optim.lr=5e-4",  # the config's 1e-3 is for its from-scratch RM, not an SFT start
             f"--data.init_args.train_file={world_dir}/pairs_sentiment_train.jsonl",
             f"--data.init_args.val_file={world_dir}/pairs_sentiment_val.jsonl",
             "--trainer.max_steps=150",
@@ -130,3 +132,26 @@ def rm_dir(world_dir, sft_policy_dir, tmp_path_factory) -> str:
         quiet=True,
     )
     return str(export)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory) -> dict:
+    """One ``rlhf-lightning pipeline --tiny`` run through the console script (every stage, a few steps each),
+    shared by tests/test_pipeline.py and tests/test_notebook.py. Returns ``run_dir``, ``output`` (stdout
+    and stderr) and ``seconds`` (wall time of the command)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    script = Path(sys.executable).with_name("rlhf-lightning")
+    command = [str(script)] if script.exists() else [shutil.which("rlhf-lightning") or "rlhf-lightning"]
+    started = time.perf_counter()
+    completed = subprocess.run([*command, "pipeline", "--run-dir", str(run_dir), "--tiny"], capture_output=True,
+                               text=True, timeout=900)
+    seconds = time.perf_counter() - started
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, f"rlhf-lightning pipeline --tiny failed:\n{output[-6000:]}"
+    return {"run_dir": run_dir, "output": output, "seconds": seconds}

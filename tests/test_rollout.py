@@ -101,3 +101,98 @@ def test_policy_forward_has_grad_for_updates(tiny_model, tokenizer):
     out.logprobs.sum().backward()
     assert tiny_model.get_output_embeddings().weight.grad is not None
     assert out.entropy.shape == out.logprobs.shape
+
+
+# ---- crafted sequences: the shifted grid, where the score is paid, and GAE on the rollout layout ----
+
+
+def _crafted_rollout(tokenizer):
+    """Two hand-built rows (T = 8, prompt width P = 4, T' = 7):
+
+        column         0    1    2    3   | 4    5    6    7
+        row 0 ids      pad  BOS  the  movie | was  great EOS  pad     finished, 3 completion tokens
+        row 1 ids      BOS  i    loved it   | and  fun   so   good    cut by max_new_tokens, 4 tokens
+
+    Column t of the shifted grid is the action ids[t + 1], taken in state ids[:t + 1]:
+        mask row 0 = [0 0 0 1 1 1 0]   (actions "was", "great", EOS at columns 3, 4, 5)
+        mask row 1 = [0 0 0 1 1 1 1]   (actions "and", "fun", "so", "good" at columns 3..6)
+    so the sequence score is paid at column 5 (row 0, on EOS) and 6 (row 1, the last token)."""
+    tok = tokenizer.convert_tokens_to_ids
+    pad, bos, eos = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    input_ids = torch.tensor(
+        [
+            [pad, bos, tok("the"), tok("movie"), tok("was"), tok("great"), eos, pad],
+            [bos, tok("i"), tok("loved"), tok("it"), tok("and"), tok("fun"), tok("so"), tok("good")],
+        ]
+    )
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    completion_mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1]])
+    expected_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1]], dtype=torch.float32)
+    return input_ids, attention_mask, completion_mask, expected_mask
+
+
+def test_shifted_grid_masks_and_score_column_on_crafted_rows(tiny_model, tokenizer):
+    from rlhf_lightning.losses import dense_reward
+    from rlhf_lightning.rollout import Rollout
+
+    input_ids, attention_mask, completion_mask, expected_mask = _crafted_rollout(tokenizer)
+    tiny_model.eval()
+    with torch.no_grad():
+        out = policy_forward(tiny_model, input_ids, attention_mask, completion_mask)
+        # Reference by hand: log-softmax of the logits at t, read at the token of t + 1, with position
+        # ids restarting at the first real token (row 0 is left padded by one).
+        position_ids = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 5], [0, 1, 2, 3, 4, 5, 6, 7]])
+        logits = tiny_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    torch.testing.assert_close(out.mask, expected_mask)
+    for row, col in expected_mask.nonzero().tolist():
+        want = torch.log_softmax(logits[row, col], -1)[input_ids[row, col + 1]]
+        torch.testing.assert_close(out.logprobs[row, col], want, atol=1e-5, rtol=0)
+    assert (out.logprobs[expected_mask == 0] == 0).all()
+
+    n, t = 2, input_ids.shape[1] - 1
+    rollout = Rollout(
+        input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask, mask=out.mask,
+        logprobs=out.logprobs, ref_logprobs=None, values=None, scores=torch.tensor([2.0, -1.0]),
+        raw_scores=torch.tensor([2.0, -1.0]), finished=torch.tensor([True, False]),
+        completion_lengths=torch.tensor([3, 4]), prompt_index=torch.arange(n), index=None, prompt_length=4,
+        prompt_text=["", ""], completion_text=["", ""],
+    )
+    assert rollout.last_action_index().tolist() == [5, 6]
+    # kl_coef 0.5, KL 1 on every action: -0.5 per action, the score added on the last one.
+    rewards = dense_reward(torch.ones(n, t) * out.mask, rollout.scores, rollout.mask, kl_coef=0.5)
+    torch.testing.assert_close(
+        rewards, torch.tensor([[0, 0, 0, -0.5, -0.5, 1.5, 0], [0, 0, 0, -0.5, -0.5, -0.5, -1.5]])
+    )
+
+
+def _gae_loop(rewards, values, mask, gamma, lam):
+    """Per-row reversed loop over the valid columns only (they sit in the middle of the row here)."""
+    advantages = torch.zeros_like(rewards)
+    for row in range(rewards.shape[0]):
+        columns = mask[row].nonzero().flatten().tolist()
+        running, next_value = 0.0, 0.0
+        for col in reversed(columns):
+            delta = rewards[row, col].item() + gamma * next_value - values[row, col].item()
+            running = delta + gamma * lam * running
+            advantages[row, col] = running
+            next_value = values[row, col].item()
+    return advantages, (advantages + values) * mask
+
+
+def test_gae_on_the_rollout_layout_matches_a_reversed_loop(tokenizer):
+    """On the shifted grid a row's actions sit between the prompt (left) and the padding (right):
+    GAE must neither read the prompt's values nor bootstrap from the padding after the last action."""
+    from rlhf_lightning.losses import gae
+
+    *_, mask = _crafted_rollout(tokenizer)
+    mask = mask.double()
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randn(mask.shape, generator=generator, dtype=torch.float64)
+    values = torch.randn(mask.shape, generator=generator, dtype=torch.float64)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5)]:
+        want_adv, want_ret = _gae_loop(rewards, values, mask, gamma, lam)
+        # Values off the mask (prompt states, padding) must not leak in: poison them.
+        poisoned = torch.where(mask.bool(), values, torch.full_like(values, 1e6))
+        adv, ret = gae(rewards, poisoned, mask, gamma=gamma, lam=lam)
+        torch.testing.assert_close(adv, want_adv)
+        torch.testing.assert_close(ret, want_ret)

@@ -18,12 +18,14 @@ Where this departs from the papers, and why:
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.losses import reward_centering_loss, reward_model_loss
 from rlhf_lightning.models import ModelSpecArg, load_reward_model
 from rlhf_lightning.modules.base import RLHFModuleBase
+from rlhf_lightning.modules.metric_window import MetricWindow, is_logging_step
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.modules.pair_forward import reward_pair_scores
 
@@ -105,9 +107,11 @@ class RewardModelModule(RLHFModuleBase):
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
 
-        Logged (``train/`` per step, ``train/epoch_`` per epoch, ``val/`` per validation): ``loss``,
+        Logged (``train/``, ``train/epoch_`` per epoch, ``val/`` per validation): ``loss``,
         ``accuracy`` (fraction of pairs with r_c > r_r), ``margin`` (mean r_c - r_r), ``reward_mean``,
-        ``reward_std``.
+        ``reward_std``. ``train/loss`` and ``train/accuracy`` are logged every step; ``train/margin``,
+        ``train/reward_mean`` and ``train/reward_std`` on the steps the logger writes, as means over
+        the steps since its previous write (:mod:`~rlhf_lightning.modules.metric_window`).
         """
         super().__init__()
         if center_rewards_coef is not None and center_rewards_coef < 0:
@@ -122,6 +126,7 @@ class RewardModelModule(RLHFModuleBase):
             self.model.gradient_checkpointing_enable()
         self.train_metrics = PairRewardMetrics()
         self.val_metrics = PairRewardMetrics()
+        self._train_window = MetricWindow()
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -152,15 +157,31 @@ class RewardModelModule(RLHFModuleBase):
         loss, chosen, rejected = self._step(batch)
         self.train_metrics.update(chosen, rejected)
         batch_size = chosen.shape[0]
+        stats = pair_reward_stats(chosen, rejected)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        for name, value in pair_reward_stats(chosen, rejected).items():
-            self.log(f"train/{name}", value, prog_bar=name == "accuracy", batch_size=batch_size)
+        self.log("train/accuracy", stats.pop("accuracy"), prog_bar=True, batch_size=batch_size)
+        # margin / reward_mean / reward_std only when the logger writes, as window means (MetricWindow).
+        self._train_window.update(stats)
+        if is_logging_step(self._trainer):
+            for name, value in self._train_window.pop_means().items():
+                self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, chosen, rejected = self._step(batch)
         self.val_metrics.update(chosen, rejected)
         self.log("val/loss", loss, prog_bar=True, batch_size=chosen.shape[0], sync_dist=True)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Called when the optimizer steps; then frees the gradients it consumed.
+
+        Lightning zeroes gradients inside the *next* step's closure, after that step's forward, so one
+        gradient-sized buffer per parameter would stay alive through every forward: measured +15% peak
+        memory over the bare loop (docs/results/issue4.md). DeepSpeed zeroes them in its own step.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            optimizer.zero_grad(set_to_none=True)
 
     def on_train_epoch_end(self) -> None:
         if self.train_metrics.has_updates:

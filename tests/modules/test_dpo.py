@@ -63,6 +63,62 @@ def test_smoke_fit_each_loss_type(loss_type, label_smoothing, tmp_path, tokenize
     assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not move"
 
 
+def test_train_statistics_are_logged_as_window_means_when_the_logger_writes(tmp_path, tokenizer_dir, assets_dir, tiny_config):
+    """log_every_n_steps=2 over 4 steps: the logger writes after steps 1 and 3 (0-based); each
+    ``rewards/margins`` written is the mean of the two steps since the previous write, while
+    ``loss`` is the value of the step itself."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = make_module(tiny_config, tokenizer_dir)
+    per_step = []
+    step = module._step
+
+    def recording_step(batch, split):
+        loss, metrics = step(batch, split)
+        if split == "train":
+            per_step.append({name: float(value) for name, value in metrics.items()})
+        return loss, metrics
+
+    module._step = recording_step
+    L.seed_everything(0)
+    trainer = tiny_trainer(tmp_path, max_steps=4, limit_val_batches=0, log_every_n_steps=2,
+                           logger=CSVLogger(str(tmp_path), name="logs", version=0))
+    trainer.fit(module, datamodule=pairs_datamodule(tokenizer_dir, assets_dir))
+    assert len(per_step) == 4
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/rewards/margins")}
+    assert sorted(rows) == [1, 3]
+    for logged_step, window in ((1, per_step[0:2]), (3, per_step[2:4])):
+        for name in ("rewards/margins", "logps/chosen", "logits/rejected"):
+            expected = sum(m[name] for m in window) / 2
+            assert abs(float(rows[logged_step][f"train/{name}"]) - expected) < 1e-5, (logged_step, name)
+        assert abs(float(rows[logged_step]["train/loss"]) - window[-1]["loss"]) < 1e-5
+
+
+class RecordGradients(L.Callback):
+    """After each training batch: whether every policy parameter's gradient is None."""
+
+    def __init__(self):
+        self.freed = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.freed.append(all(p.grad is None for p in pl_module.policy.parameters()))
+
+
+def test_gradients_are_freed_after_each_optimizer_step_not_between_accumulated_batches(
+    tmp_path, tokenizer_dir, assets_dir, tiny_config
+):
+    """With accumulate_grad_batches=2 the optimizer steps on batches 1 and 3: gradients survive batch 0
+    and 2 (they accumulate) and are gone after 1 and 3 (not kept alive through the next forward)."""
+    module = make_module(tiny_config, tokenizer_dir)
+    recorder = RecordGradients()
+    fit(module, tmp_path, tokenizer_dir, assets_dir, callbacks=[recorder], max_steps=2, accumulate_grad_batches=2,
+        limit_val_batches=0)
+    assert recorder.freed == [False, True, False, True]
+
+
 def test_reference_is_frozen_and_never_in_the_optimizer(tmp_path, tokenizer_dir, assets_dir, tiny_config):
     module = make_module(tiny_config, tokenizer_dir)
     ref_before = {k: v.clone() for k, v in module.reference.state_dict().items()}

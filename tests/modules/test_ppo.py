@@ -170,32 +170,39 @@ def test_shape_rewards_hook_is_used(tmp_path, tokenizer_dir, assets_dir, tiny_co
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir, assets_dir, tiny_config):
-    """Crash after 2 rollouts and resume to 4 == 4 rollouts in one go: same kl_coef (the adaptive
-    controller's state), same optimizer state, same weights, same reward-transform statistics.
+    """Resume from the checkpoint ModelCheckpoint wrote after rollout 2 of a 4-rollout run, and finish:
+    every rollout of the resumed run sees the kl_coef the uninterrupted run saw (the adaptive controller's
+    state), and it ends with the same optimizer state, weights and reward-transform statistics.
 
-    16 prompts in batches of 8: the crash falls on an epoch boundary. (A plain DataLoader cannot resume
-    mid-epoch: Lightning then replays the epoch's first batches, which no module can undo.)"""
+    16 prompts in batches of 8: the checkpoint falls on an epoch boundary. (A plain DataLoader cannot
+    resume mid-epoch: Lightning then replays the epoch's first batches, which no module can undo.)"""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def run(max_steps, ckpt_path=None, root="full"):
+    def run(root, ckpt_path=None):
         module = make_module(tiny_config, tokenizer_dir, reward_transform=RewardTransform(normalize="scale"))
         controller = AdaptiveKLController(init_kl_coef=0.1, target=1.0, horizon=20)
+        recorder = RecordMetrics()  # before the controller: records the coefficient each rollout used
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
         trainer = fit(
-            module, tmp_path / root, tokenizer_dir, assets_dir, callbacks=[controller], max_steps=max_steps,
-            ckpt_path=ckpt_path, datamodule=prompts_datamodule(tokenizer_dir, assets_dir, shuffle=False, batch_size=8),
+            module, tmp_path / root, tokenizer_dir, assets_dir, callbacks=[recorder, controller, checkpoints],
+            max_steps=4, ckpt_path=ckpt_path, enable_checkpointing=True,
+            datamodule=prompts_datamodule(tokenizer_dir, assets_dir, shuffle=False, batch_size=8),
         )
-        return module, trainer, controller
+        return module, trainer, controller, [row["kl_coef"] for row in recorder.history]
 
-    full, full_trainer, full_controller = run(4)
-    first, first_trainer, _ = run(2, root="crashed")
-    ckpt = str(tmp_path / "mid.ckpt")
-    first_trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
+    full, full_trainer, full_controller, full_coefs = run("full")
+    mid = tmp_path / "full" / "step=2.ckpt"
+    saved = torch.load(mid, weights_only=False)
+    assert saved["global_step"] == 2
     assert not any(k.startswith("ref_model.") for k in saved["state_dict"]), "the frozen reference is not checkpointed"
     assert "reward_transform.moments.count" in saved["state_dict"]
-    resumed, resumed_trainer, resumed_controller = run(4, ckpt_path=ckpt, root="resumed")
+    # Saved after the controller's update (logged metrics are float32, hence rel=1e-6).
+    assert saved["ppo"]["kl_coef"] == pytest.approx(full_coefs[2], rel=1e-6)
+    resumed, resumed_trainer, resumed_controller, resumed_coefs = run("resumed", ckpt_path=str(mid))
 
     assert resumed_trainer.global_step == full_trainer.global_step == 4
-    assert full.kl_coef != 0.1, "the controller never moved: the test would prove nothing"
+    assert len(set(full_coefs)) == 4, f"the controller must move every rollout, or the test proves nothing: {full_coefs}"
+    assert resumed_coefs == pytest.approx(full_coefs[2:], rel=1e-6)
     assert resumed.kl_coef == full.kl_coef == resumed_controller.kl_coef == full_controller.kl_coef
     assert resumed_controller.state_dict() == full_controller.state_dict()
     assert_close(resumed.reward_transform.moments.count, full.reward_transform.moments.count)
@@ -206,7 +213,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir, assets_dir, ti
     resumed_state = resumed_trainer.optimizers[0].state_dict()["state"]
     assert full_state.keys() == resumed_state.keys()
     for key in full_state:
-        for field in ("step", "exp_avg", "exp_avg_sq"):
+        # 4 rollouts x ppo_epochs (2) x minibatches (2): a fresh optimizer would have counted only 8.
+        assert int(resumed_state[key]["step"]) == int(full_state[key]["step"]) == 16
+        for field in ("exp_avg", "exp_avg_sq"):
             assert_close(resumed_state[key][field], full_state[key][field], atol=1e-6, rtol=1e-5)
 
 
@@ -271,6 +280,56 @@ def test_gold_sentiment_rises_on_the_embedded_world(request, tmp_path):
     early, late = recorder.mean("reward/raw", slice(0, 3)), recorder.mean("reward/raw", slice(-3, None))
     assert late > early + 0.1, (early, late)
     assert recorder.history[-1]["kl"] < 20.0
+    # The KL stayed under the target (~1 nat of 4), so the controller relaxed the penalty every rollout.
+    coefs = [row["kl_coef"] for row in recorder.history]
+    assert all(b < a for a, b in zip(coefs, coefs[1:])) and coefs[-1] < 0.05, coefs
+
+
+# The shortened run's rollouts, the gold rise it must show (measured: -0.055 -> +0.309 at KL 7.0), and
+# configs/ppo.yaml's KL target.
+STEPS, GAIN, TARGET = 20, 0.15, 4.0
+
+
+@pytest.mark.slow
+def test_ppo_config_with_the_trained_rm_raises_gold_sentiment(request, tmp_path):
+    """configs/ppo.yaml through the console script, from the session's small SFT policy and against the
+    session's reward model (trained on noisy gold-sentiment preferences), with 32-token completions and STEPS
+    rollouts pinned (so a longer config does not slow the test): the gold sentiment of samples on held-out
+    prompts — a scorer PPO never saw — rises over the SFT policy's, while the KL to it stays within a few
+    times the adaptive target."""
+    import json
+
+    from rlhf_lightning.cli import cli_main
+    from rlhf_lightning.evaluation import evaluate_policy
+    from rlhf_lightning.models import load_causal_lm, load_tokenizer
+
+    world_dir = _fixture_or_skip(request, "world_dir")
+    sft_policy_dir = _fixture_or_skip(request, "sft_policy_dir")
+    rm_dir = _fixture_or_skip(request, "rm_dir")
+    tokenizer_dir = os.path.join(world_dir, "tokenizer")
+    with open(os.path.join(world_dir, "prompts_eval.jsonl")) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()][:64]
+    reference = load_causal_lm(sft_policy_dir)
+
+    def evaluate(policy_dir):
+        result = evaluate_policy(load_causal_lm(policy_dir), load_tokenizer(tokenizer_dir, padding_side="left"), prompts,
+                                 scorers=["sentiment"], reference=reference, max_new_tokens=32, batch_size=64, seed=0)
+        return result.metrics["gold/sentiment"], result.metrics["kl_to_reference"]
+
+    root = tmp_path / "ppo"
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ppo.yaml")
+    cli_main([
+        "fit", "--config", config, f"--run_dir={root}",
+        f"--model.init_args.policy={sft_policy_dir}", f"--model.init_args.tokenizer={tokenizer_dir}",
+        f"--model.init_args.reward.init_args.model={rm_dir}", "--model.init_args.sampling.max_new_tokens=32",
+        "--model.init_args.log_samples_every_n_steps=0",
+        f"--data.init_args.train_file={world_dir}/prompts_train.jsonl", "--data.init_args.val_file=null",
+        f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    ])
+    (before, _), (after, kl) = evaluate(sft_policy_dir), evaluate(root / "hf" / "final")
+    assert after > before + GAIN, (before, after, kl)
+    assert kl < 3 * TARGET, kl
 
 
 def test_cli_runs_the_gold_config(tmp_path, tokenizer_dir, assets_dir, tiny_config):
