@@ -198,7 +198,6 @@ def test_soup_reference_from_yaml(two_checkpoints, tmp_path, assets_dir):
         "    reference:\n"
         f"      soup: [{dir_a}, {dir_b}]\n"
         "      weights: [0.5, 0.5]\n"
-        f"    reference_cache_dir: {tmp_path / 'cache'}\n"
         "data:\n"
         "  init_args:\n"
         f"    train_file: {os.path.join(assets_dir, 'pairs_tiny.jsonl')}\n"

@@ -166,7 +166,7 @@ def test_callbacks_added_on_the_command_line_to_the_method_configs(kind, tmp_pat
         data_file = os.path.join(assets_dir, "pairs_tiny.jsonl")
         method_args = [
             "--config", os.path.join(config_dir, "dpo.yaml"), f"--model.init_args.model={json.dumps(tiny_config)}",
-            f"--model.init_args.reference_cache_dir={tmp_path / 'cache'}", "--data.init_args.batch_size=4",
+            "--data.init_args.batch_size=4",
         ]
     else:
         data_file = os.path.join(assets_dir, "prompts_tiny.jsonl")

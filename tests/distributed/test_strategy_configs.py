@@ -156,7 +156,9 @@ def test_fsdp2_config_runs_dpo_through_the_cli(tmp_path, tokenizer_dir, assets_d
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--run_dir={run_dir}",
         f"--model.init_args.model={json.dumps(tiny_config)}", f"--model.init_args.tokenizer={tokenizer_dir}",
-        f"--model.init_args.reference_cache_dir={tmp_path / 'ref_cache'}", "--model.init_args.optim.warmup_steps=0",
+        # The precomputed, disk-cached reference under sharding (the config's default is the live one).
+        "--model.init_args.precompute_reference=true", f"--model.init_args.reference_cache_dir={tmp_path / 'ref_cache'}",
+        "--model.init_args.optim.warmup_steps=0",
         f"--data.init_args.train_file={pairs}", f"--data.init_args.val_file={pairs}", "--data.init_args.batch_size=2",
     ]
     env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
