@@ -22,40 +22,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gold_curves import GoldCurve, fit_config, group_runs, read_runs, plot_mean_and_seeds, read_prompts, write_csv  # noqa: E402
+from gold_curves import (  # noqa: E402
+    GoldCurve, add_study_arguments, fit_config, group_runs, plot_mean_and_seeds, run_study, study_overrides, write_csv,
+)
 
 from rlhf_lightning.callbacks import ElasticReset  # noqa: E402
 from rlhf_lightning.synthetic import GOLD_OBJECTIVES  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "ppo_elastic_reset.yaml")
 VARIANTS = ("ppo", "elastic_reset")
-
-
-def overrides(args, variant: str, seed: int) -> list[str]:
-    return [
-        f"--seed_everything={seed}",
-        f"--model.init_args.seed={seed}",
-        f"--trainer.max_steps={args.steps}",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={os.path.join(args.out, 'runs', f'{variant}_seed{seed}')}",
-        f"--model.init_args.policy={args.policy}",
-        f"--model.init_args.tokenizer={args.tokenizer}",
-        "--model.init_args.log_samples_every_n_steps=0",
-        f"--data.init_args.train_file={args.prompts}",
-        "--data.init_args.val_file=null",
-        *([f"--data.init_args.batch_size={args.batch_size}"] if args.batch_size is not None else []),
-        *([f"--model.init_args.sampling.max_new_tokens={args.max_new_tokens}"] if args.max_new_tokens is not None else []),
-        *args.override,
-    ]
 
 
 def edit_callbacks(args, variant: str):
@@ -162,42 +140,17 @@ def plot(curves: dict[str, list[list[dict]]], path: str, objective: str) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a PPO config with one ElasticReset callback")
-    parser.add_argument("--policy", default="outputs/sft/hf/final", help="starting policy (a directory or an inline config JSON)")
-    parser.add_argument("--tokenizer", default="outputs/world/tokenizer")
-    parser.add_argument("--prompts", default="outputs/world/prompts_train.jsonl")
-    parser.add_argument("--eval-prompts", default="outputs/world/prompts_eval.jsonl")
-    parser.add_argument("--num-eval-prompts", type=int, default=128)
+    add_study_arguments(parser, variants=VARIANTS, steps=120, eval_every=10, out="outputs/elastic_reset_vs_ppo")
     parser.add_argument("--objective", default="sentiment", choices=list(GOLD_OBJECTIVES), help="the 'gold' column")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=120, help="rollouts per run (equal for both variants)")
-    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--decay", type=float, default=None, help="override the config's EMA decay")
     parser.add_argument("--reset-every", type=int, default=None, help="override the config's reset interval (rollouts)")
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts per rollout (default: the config's)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
-    parser.add_argument("--override", nargs="*", default=[], help="extra CLI overrides for every run")
-    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                        help="train nothing: summarise the curves.csv / train.csv of earlier --out folders together")
-    parser.add_argument("--out", default="outputs/elastic_reset_vs_ppo")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
-    if args.merge:
-        eval_rows, train_rows = read_runs(args.merge, "curves.csv"), read_runs(args.merge, "train.csv")
-    else:
-        eval_prompts = read_prompts(args.eval_prompts, args.num_eval_prompts)
-        eval_rows, train_rows = [], []
-        for seed in args.seeds:
-            for variant in args.variants:
-                curve = GoldCurve(eval_prompts, args.eval_every, weights={args.objective: 1.0},
-                                  max_new_tokens=args.max_new_tokens or 48)
-                started = time.perf_counter()
-                print(f"[{variant} seed {seed}] {args.steps} rollouts", flush=True)
-                fit_config(args.config, overrides(args, variant, seed), curve, edit_callbacks=edit_callbacks(args, variant))
-                print(f"[{variant} seed {seed}] done in {time.perf_counter() - started:.0f} s", flush=True)
-                eval_rows += [{"variant": variant, "seed": seed, **row} for row in curve.rows]
-                train_rows += [{"variant": variant, "seed": seed, **row} for row in curve.train_rows]
+    def fit_one(variant: str, seed: int, curve: GoldCurve) -> None:
+        fit_config(args.config, study_overrides(args, variant, seed), curve, edit_callbacks=edit_callbacks(args, variant))
+
+    eval_rows, train_rows = run_study(args, fit_one, weights={args.objective: 1.0})
     variants = [v for v in args.variants if any(r["variant"] == v for r in eval_rows)]
     curves, seeds = group_runs(eval_rows, variants)
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gold_curves import GoldCurve, fit_config, group_runs, read_runs, mean_curve, plot_mean_and_seeds, read_prompts, steps_to_reach, write_csv  # noqa: E402
+from gold_curves import (  # noqa: E402
+    GoldCurve, add_study_arguments, fit_config, group_runs, mean_curve, plot_mean_and_seeds, run_study, steps_to_reach,
+    study_overrides, write_csv,
+)
 
 from rlhf_lightning.rewards import GoldSegmentScorer  # noqa: E402
 from rlhf_lightning.synthetic import GOLD_OBJECTIVES  # noqa: E402
@@ -47,30 +49,6 @@ def budget_weights(module) -> dict[str, float]:
         if isinstance(spec.source, GoldSegmentScorer):
             weights[spec.source.objective] = weights.get(spec.source.objective, 0.0) + spec.weight
     return weights
-
-
-def overrides(args, variant: str, seed: int) -> list[str]:
-    out = [
-        f"--seed_everything={seed}",
-        f"--model.init_args.seed={seed}",
-        f"--trainer.max_steps={args.steps}",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.limit_val_batches=0",
-        "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={os.path.join(args.out, 'runs', f'{variant}_seed{seed}')}",
-        f"--model.init_args.policy={args.policy}",
-        f"--model.init_args.tokenizer={args.tokenizer}",
-        "--model.init_args.log_samples_every_n_steps=0",
-        f"--data.init_args.train_file={args.prompts}",
-        "--data.init_args.val_file=null",
-    ]
-    if args.batch_size is not None:
-        out.append(f"--data.init_args.batch_size={args.batch_size}")
-    if args.max_new_tokens is not None:
-        out.append(f"--model.init_args.sampling.max_new_tokens={args.max_new_tokens}")
-    return out + list(args.override)
 
 
 def summarize(curves: dict[str, list[list[dict]]], fractions: list[float], seeds: list[int]) -> str:
@@ -129,48 +107,23 @@ def plot(curves: dict[str, list[list[dict]]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", default="outputs/sft/hf/final", help="starting policy (a directory or an inline config JSON)")
-    parser.add_argument("--tokenizer", default="outputs/world/tokenizer")
-    parser.add_argument("--prompts", default="outputs/world/prompts_train.jsonl")
-    parser.add_argument("--eval-prompts", default="outputs/world/prompts_eval.jsonl")
-    parser.add_argument("--num-eval-prompts", type=int, default=128)
+    add_study_arguments(parser, variants=VARIANTS, steps=80, eval_every=5, out="outputs/fine_grained_vs_sequence")
     parser.add_argument("--fine-grained-config", default=VARIANTS["fine_grained"])
     parser.add_argument("--sequence-config", default=VARIANTS["sequence"],
                         help="the same sources as --fine-grained-config, at sequence granularity")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=80, help="rollouts per run")
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts per rollout (default: the configs')")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the configs'")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9],
                         help="thresholds, as fractions of the way from the SFT score to the best mean score")
-    parser.add_argument("--override", nargs="*", default=[], help="extra CLI overrides for every run, e.g. --model.init_args.kl_coef=0.1")
-    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                        help="train nothing: summarise the curves.csv / train.csv of earlier --out folders together")
-    parser.add_argument("--out", default="outputs/fine_grained_vs_sequence")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
-    if args.merge:
-        eval_rows, train_rows = read_runs(args.merge, "curves.csv"), read_runs(args.merge, "train.csv")
-    else:
-        eval_prompts = read_prompts(args.eval_prompts, args.num_eval_prompts)
-        eval_rows, train_rows = [], []
-        for seed in args.seeds:
-            for variant in args.variants:
-                print(f"[{variant} seed {seed}] {args.steps} rollouts", flush=True)
-                curve = GoldCurve(eval_prompts, args.eval_every, max_new_tokens=args.max_new_tokens or 48)
-                started = time.perf_counter()
+    def fit_one(variant: str, seed: int, curve: GoldCurve) -> None:
+        def set_weights(module) -> None:  # the gold column weighs the objectives as the rewards do
+            curve.weights = budget_weights(module)
 
-                def set_weights(module, curve=curve):
-                    curve.weights = budget_weights(module)
+        config = args.fine_grained_config if variant == "fine_grained" else args.sequence_config
+        fit_config(config, study_overrides(args, variant, seed), curve, on_module=set_weights)
 
-                config = args.fine_grained_config if variant == "fine_grained" else args.sequence_config
-                fit_config(config, overrides(args, variant, seed), curve, on_module=set_weights)
-                print(f"[{variant} seed {seed}] done in {time.perf_counter() - started:.0f} s", flush=True)
-                eval_rows += [{"variant": variant, "seed": seed, **row} for row in curve.rows]
-                train_rows += [{"variant": variant, "seed": seed, **row} for row in curve.train_rows]
+    eval_rows, train_rows = run_study(args, fit_one)
     variants = [v for v in args.variants if any(r["variant"] == v for r in eval_rows)]
     curves, seeds = group_runs(eval_rows, variants)
 

@@ -34,6 +34,9 @@ __all__ = [
     "steps_to_reach",
     "mean_curve",
     "plot_mean_and_seeds",
+    "add_study_arguments",
+    "study_overrides",
+    "run_study",
 ]
 
 # Per-rollout metrics kept from the training step (whatever of these the module logs).
@@ -239,3 +242,74 @@ def plot_mean_and_seeds(axis, runs_by_label: dict[str, Sequence[Sequence[dict[st
             axis.plot(steps, means, color=colour, linewidth=2, marker="o", markersize=3, label=f"{label} (mean of {len(runs)})")
         else:
             axis.plot([], [], color=colour, label=label)
+
+
+# ---- the comparison scripts' shared command line and run loop -------------------------------------
+
+
+def add_study_arguments(parser, *, variants: Sequence[str], steps: int, eval_every: int, out: str) -> None:
+    """The options every comparison script takes: starting policy and data, variants and seeds, run
+    length, overrides, ``--merge`` (summarise earlier runs) and ``--out``."""
+    parser.add_argument("--policy", default="outputs/sft/hf/final", help="starting policy (a directory or an inline config JSON)")
+    parser.add_argument("--tokenizer", default="outputs/world/tokenizer")
+    parser.add_argument("--prompts", default="outputs/world/prompts_train.jsonl")
+    parser.add_argument("--eval-prompts", default="outputs/world/prompts_eval.jsonl")
+    parser.add_argument("--num-eval-prompts", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=steps, help="rollouts per run (equal for every variant)")
+    parser.add_argument("--eval-every", type=int, default=eval_every)
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per rollout (default: the config's)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="extra CLI overrides for every run, e.g. --model.init_args.kl_coef=0.1")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="train nothing: summarise the curves.csv / train.csv of earlier --out folders together")
+    parser.add_argument("--out", default=out)
+
+
+def study_overrides(args, variant: str, seed: int) -> list[str]:
+    """CLI overrides of one run: seed, length, the starting policy and prompts, no validation, logging or
+    checkpoint folder outside ``<out>/runs/<variant>_seed<seed>``, then ``--override``."""
+    return [
+        f"--seed_everything={seed}",
+        f"--model.init_args.seed={seed}",
+        f"--trainer.max_steps={args.steps}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={os.path.join(args.out, 'runs', f'{variant}_seed{seed}')}",
+        f"--model.init_args.policy={args.policy}",
+        f"--model.init_args.tokenizer={args.tokenizer}",
+        "--model.init_args.log_samples_every_n_steps=0",
+        f"--data.init_args.train_file={args.prompts}",
+        "--data.init_args.val_file=null",
+        *([f"--data.init_args.batch_size={args.batch_size}"] if args.batch_size is not None else []),
+        *([f"--model.init_args.sampling.max_new_tokens={args.max_new_tokens}"] if args.max_new_tokens is not None else []),
+        *args.override,
+    ]
+
+
+def run_study(args, fit_one: Callable[[str, int, GoldCurve], None], *, weights: dict[str, float] | None = None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every (seed, variant) run, or with ``--merge`` the rows of earlier runs: ``(eval_rows, train_rows)``,
+    each row tagged with ``variant`` and ``seed``. ``fit_one(variant, seed, curve)`` trains one run with
+    ``curve`` (a :class:`GoldCurve` on the evaluation prompts, gold ``weights`` if given) attached."""
+    if args.merge:
+        return read_runs(args.merge, "curves.csv"), read_runs(args.merge, "train.csv")
+    eval_prompts = read_prompts(args.eval_prompts, args.num_eval_prompts)
+    eval_rows: list[dict[str, Any]] = []
+    train_rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            curve = GoldCurve(eval_prompts, args.eval_every, weights=weights, max_new_tokens=args.max_new_tokens or 48)
+            started = time.perf_counter()
+            print(f"[{variant} seed {seed}] {args.steps} rollouts", flush=True)
+            fit_one(variant, seed, curve)
+            print(f"[{variant} seed {seed}] done in {time.perf_counter() - started:.0f} s", flush=True)
+            eval_rows += [{"variant": variant, "seed": seed, **row} for row in curve.rows]
+            train_rows += [{"variant": variant, "seed": seed, **row} for row in curve.train_rows]
+    return eval_rows, train_rows

@@ -24,7 +24,6 @@ import logging
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.losses import DPO_LOSS_TYPES, dpo_loss
@@ -259,17 +258,6 @@ class DPOModule(RLHFModuleBase):
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), batch_size=batch_size, sync_dist=True)
         return metrics  # detached scalars, for callbacks (``on_validation_batch_end``)
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Called when the optimizer steps; then frees the gradients it consumed.
-
-        Lightning zeroes gradients inside the *next* step's closure, after that step's forward, so one
-        gradient-sized buffer per parameter would stay alive through every forward: measured +15% peak
-        memory over the bare loop (docs/results/issue4.md). DeepSpeed zeroes them in its own step.
-        """
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------------- checkpoints
 
