@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gold_curves import (  # noqa: E402
-    GoldCurve, add_study_arguments, fit_config, group_runs, plot_mean_and_seeds, run_study, study_overrides, write_csv,
+    GoldCurve, add_study_arguments, fit_config, group_runs, plot_mean_and_seeds, run_study, study_overrides, write_study,
 )
 
 from rlhf_lightning.callbacks import ElasticReset  # noqa: E402
@@ -154,14 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants if any(r["variant"] == v for r in eval_rows)]
     curves, seeds = group_runs(eval_rows, variants)
 
-    write_csv(os.path.join(args.out, "curves.csv"), eval_rows, first=["variant", "seed", "step", "gold", "kl_to_reference"])
-    write_csv(os.path.join(args.out, "train.csv"), train_rows, first=["variant", "seed", "step"])
-    plot(curves, os.path.join(args.out, "curves.png"), args.objective)
-    summary = summarize(curves, seeds, args.objective)
-    with open(os.path.join(args.out, "summary.md"), "w") as handle:
-        handle.write(summary)
-    print(summary)
-    print(f"wrote curves.csv, train.csv, curves.png, summary.md to {args.out}")
+    write_study(args.out, eval_rows, train_rows, first=["variant", "seed", "step", "gold", "kl_to_reference"],
+                summary=summarize(curves, seeds, args.objective), plot=lambda path: plot(curves, path, args.objective))
     return 0
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gold_curves import (  # noqa: E402
     GoldCurve, add_study_arguments, fit_config, group_runs, mean_curve, plot_mean_and_seeds, run_study, steps_to_reach,
-    study_overrides, write_csv,
+    study_overrides, write_study,
 )
 
 from rlhf_lightning.rewards import GoldSegmentScorer  # noqa: E402
@@ -127,14 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants if any(r["variant"] == v for r in eval_rows)]
     curves, seeds = group_runs(eval_rows, variants)
 
-    write_csv(os.path.join(args.out, "curves.csv"), eval_rows, first=["variant", "seed", "step", "gold"])
-    write_csv(os.path.join(args.out, "train.csv"), train_rows, first=["variant", "seed", "step"])
-    plot(curves, os.path.join(args.out, "curves.png"))
-    summary = summarize(curves, args.fractions, seeds)
-    with open(os.path.join(args.out, "summary.md"), "w") as handle:
-        handle.write(summary)
-    print(summary)
-    print(f"wrote curves.csv, train.csv, curves.png, summary.md to {args.out}")
+    write_study(args.out, eval_rows, train_rows, first=["variant", "seed", "step", "gold"],
+                summary=summarize(curves, args.fractions, seeds), plot=lambda path: plot(curves, path))
     return 0
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "add_study_arguments",
     "study_overrides",
     "run_study",
+    "write_study",
 ]
 
 # Per-rollout metrics kept from the training step (whatever of these the module logs).
@@ -313,3 +314,16 @@ def run_study(args, fit_one: Callable[[str, int, GoldCurve], None], *, weights: 
             eval_rows += [{"variant": variant, "seed": seed, **row} for row in curve.rows]
             train_rows += [{"variant": variant, "seed": seed, **row} for row in curve.train_rows]
     return eval_rows, train_rows
+
+
+def write_study(out: str, eval_rows, train_rows, *, first: Sequence[str], summary: str,
+                plot: Callable[[str], None]) -> None:
+    """``<out>/curves.csv`` (evaluation rows, ``first`` columns first), ``train.csv``, ``curves.png`` (drawn by
+    ``plot(path)``) and ``summary.md``; prints the summary."""
+    write_csv(os.path.join(out, "curves.csv"), eval_rows, first=first)
+    write_csv(os.path.join(out, "train.csv"), train_rows, first=["variant", "seed", "step"])
+    plot(os.path.join(out, "curves.png"))
+    with open(os.path.join(out, "summary.md"), "w") as handle:
+        handle.write(summary)
+    print(summary)
+    print(f"wrote curves.csv, train.csv, curves.png, summary.md to {out}")
