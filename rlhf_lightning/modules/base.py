@@ -90,6 +90,32 @@ class RLHFModuleBase(L.LightningModule):
         if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
             optimizer.zero_grad(set_to_none=True)
 
+    # ---- frozen reference: rebuilt from its spec, never stored in checkpoints -------------------------
+
+    _REFERENCE_PREFIX = "ref_model."
+
+    def state_dict(self, *args, **kwargs):
+        """The module's state without the frozen reference (``ref_model.*``): it is rebuilt from its spec
+        at load time, so checkpoints (plain, or sharded through torch.distributed.checkpoint, which reads
+        this state dict to plan what it stores and loads) hold one copy of the model, not two."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in [k for k in state if k.startswith(prefix + self._REFERENCE_PREFIX)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load everything but the reference (its keys may be absent; present ones are loaded too), with
+        ``strict`` checking every other key."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(self._REFERENCE_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {result.unexpected_keys}"
+            )
+        return type(result)(missing, result.unexpected_keys)
+
     def on_fit_start(self) -> None:
         # transformers 5 returns from_pretrained models in eval mode and Lightning keeps module modes as
         # they are: put the trainable policy in train mode, frozen models stay in eval.

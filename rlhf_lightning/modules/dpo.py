@@ -13,8 +13,9 @@ Where this departs from the paper, and why:
   batch's ``index`` column, cached on disk by a fingerprint of the tokenized data, the reference
   weights and the averaging flag) and then deletes the reference: training holds one model. The
   numbers are those of the live reference in eval mode (no dropout), so both modes give the same loss.
-* The reference's weights are not written into checkpoints (they are rebuilt from ``reference`` /
-  ``model`` at load time and re-inserted before the state dict is loaded, so loading stays strict).
+* The reference's weights are not written into checkpoints, plain or sharded (the module's state dict
+  leaves them out, :class:`~rlhf_lightning.modules.base.RLHFModuleBase`); they are rebuilt from
+  ``reference`` / ``model`` at load time, and loading stays strict for every other key.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ __all__ = ["DPOModule"]
 
 log = logging.getLogger(__name__)
 
-_REF_PREFIX = "ref_model."
 _PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
 
 
@@ -260,18 +260,6 @@ class DPOModule(RLHFModuleBase):
         return metrics  # detached scalars, for callbacks (``on_validation_batch_end``)
 
     # ------------------------------------------------------------------------------------- checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The reference is frozen and rebuilt from its spec: do not store a second copy of the model.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(_REF_PREFIX)]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Put the current reference's weights back so strict loading still checks everything else.
-        if self.ref_model is not None and "state_dict" in checkpoint:
-            for key, value in self.ref_model.state_dict().items():
-                checkpoint["state_dict"].setdefault(_REF_PREFIX + key, value)
 
 
 def _stage_dataloader(trainer, split: str, stage: str) -> DataLoader | None:

@@ -60,7 +60,6 @@ from rlhf_lightning.rollout import Rollout, collect_rollout, policy_forward
 
 __all__ = ["PPOModule"]
 
-_REF_PREFIX = "ref_model."
 
 # The hyperparameters hold these dataclasses; allow them in `torch.load(weights_only=True)`, which is how
 # `Trainer.fit(ckpt_path=...)` (and so `rlhf-lightning fit --ckpt_path`) reads a checkpoint to resume.
@@ -457,16 +456,8 @@ class PPOModule(RLHFModuleBase):
     # ------------------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The reference is frozen and rebuilt from its spec: do not store a second copy of the model.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(_REF_PREFIX)]:
-            del state[key]
-        checkpoint["ppo"] = {"kl_coef": self.kl_coef}
+        checkpoint["ppo"] = {"kl_coef": self.kl_coef}  # the state dict leaves the frozen reference out (base)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Put the current reference's weights back so strict loading still checks everything else.
-        if "state_dict" in checkpoint:
-            for key, value in self.ref_model.state_dict().items():
-                checkpoint["state_dict"].setdefault(_REF_PREFIX + key, value)
         if "ppo" in checkpoint:  # a KL controller callback, if any, re-applies its own restored value
             self.kl_coef = float(checkpoint["ppo"]["kl_coef"])
