@@ -128,6 +128,7 @@ def compute_per_index(
     fn: Callable[[dict[str, Any]], Mapping[str, torch.Tensor]],
     *,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> PerIndexValues:
     """Run ``fn(batch) -> {key: (B,) tensor}`` over every batch (in file order) and store by ``batch["index"]``.
 
@@ -135,10 +136,15 @@ def compute_per_index(
         dataloader: yields batches with an ``index (B,)`` column; its dataset must be map-style.
         fn: the per-batch computation (e.g. reference log-probs); called under ``torch.no_grad()``.
         device: where tensor fields of each batch are moved before ``fn``.
+        shard: ``(rank, world_size)``: compute only batches ``rank, rank + world_size, ...``; the other
+            rows stay NaN (see :func:`cached_per_index`, which merges the ranks' shards).
     """
+    rank, world_size = shard
     size = len(dataloader.dataset)
     values: dict[str, torch.Tensor] = {}
-    for batch in _unshuffled(dataloader):
+    for batch_number, batch in enumerate(_unshuffled(dataloader)):
+        if batch_number % world_size != rank:
+            continue
         if "index" not in batch:
             raise KeyError("precomputing per-example values needs an `index` column in every batch")
         if device is not None:
@@ -200,15 +206,53 @@ def cached_per_index(
         name: file name prefix (e.g. ``"dpo-ref-train"``).
         write: save on a miss (set False on all but one data-parallel rank).
 
+    Under ``torch.distributed`` (world size > 1, every rank calling this with the same arguments), each
+    rank computes one ``world_size``-th of the batches and the shards are all-gathered: the values are
+    computed once in all, not once per rank.
+
     Returns:
         ``(values, hit)``.
     """
     path = os.path.join(cache_dir, f"{name}-{fingerprint[:16]}.pt") if cache_dir else None
-    if path is not None:
-        values = load_values(path, fingerprint=fingerprint)
-        if values is not None:
-            return values, True
-    values = compute_per_index(dataloader, fn, device=device)
+    rank, world_size = _process_group()
+    cached = load_values(path, fingerprint=fingerprint) if path is not None else None
+    # Ranks agree on hit or miss (a file one rank sees and another does not would otherwise leave one
+    # rank waiting in the gather below).
+    if _all_ranks(cached is not None, world_size):
+        return cached, True
+    values = compute_per_index(dataloader, fn, device=device, shard=(rank, world_size))
+    if world_size > 1:
+        values = _merge_shards(values, world_size)
     if path is not None and write:
         save_values(path, values, fingerprint=fingerprint, meta={"name": name, "rows": len(values)})
     return values, False
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_ranks(flag: bool, world_size: int) -> bool:
+    if world_size == 1:
+        return flag
+    flags: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(flags, bool(flag))
+    return all(flags)
+
+
+def _merge_shards(values: PerIndexValues, world_size: int) -> PerIndexValues:
+    """Every rank's rows (NaN elsewhere) gathered into one table, the same on every rank."""
+    shards: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(shards, values.values)
+    merged: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        for key, column in shard.items():
+            if key not in merged:
+                merged[key] = column.clone()
+            else:
+                filled = ~torch.isnan(column)
+                merged[key][filled] = column[filled]
+    return PerIndexValues(merged)

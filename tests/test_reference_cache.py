@@ -88,3 +88,44 @@ def test_wrong_fingerprint_or_corrupt_file_is_a_miss(tmp_path):
     with open(path, "wb") as f:
         f.write(b"not a torch file")
     assert load_values(path, fingerprint="a" * 64) is None
+
+
+def _sharded_worker(rank, world_size, init_file, cache_dir, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        computed_rows = []
+
+        def fn(batch):
+            computed_rows.extend(batch["index"].tolist())
+            return doubled(batch)
+
+        for attempt in range(2):  # a miss (computed, rank 0 writes), then a hit on every rank
+            values, hit = cached_per_index(loader(items()), fn, fingerprint="d" * 64, cache_dir=cache_dir, name="x",
+                                           write=rank == 0)
+            torch.distributed.barrier()
+            torch.save({"values": values.values, "hit": hit, "rows": list(computed_rows)},
+                       os.path.join(out_dir, f"rank{rank}_attempt{attempt}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ranks_compute_a_share_each_and_all_get_every_row(tmp_path):
+    """2 gloo processes: the 4 batches of 10 rows are split 2 + 2 between the ranks (each row computed
+    once in all), every rank ends with all 10 rows equal to a single-process run, and the file rank 0
+    writes is then a hit on both ranks."""
+    import torch.multiprocessing as mp
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "cache"), str(out_dir)), nprocs=2)
+    single, _ = cached_per_index(loader(items()), doubled, fingerprint="d" * 64, cache_dir=None, name="x")
+    first = [torch.load(out_dir / f"rank{rank}_attempt0.pt") for rank in range(2)]
+    second = [torch.load(out_dir / f"rank{rank}_attempt1.pt") for rank in range(2)]
+    assert sorted(first[0]["rows"]) == [0, 1, 2, 6, 7, 8] and sorted(first[1]["rows"]) == [3, 4, 5, 9]
+    for result in first:
+        assert not result["hit"]
+        for key, column in single.values.items():
+            assert_close(result["values"][key], column)
+    for rank, result in enumerate(second):
+        assert result["hit"] and result["rows"] == first[rank]["rows"]  # nothing computed again

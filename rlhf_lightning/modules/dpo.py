@@ -155,7 +155,8 @@ class DPOModule(RLHFModuleBase):
         each loader, then delete the reference model.
 
         Runs before the strategy moves the module, so the reference is moved to the run's device here.
-        Every rank computes all rows (deterministic); only global rank zero writes the cache.
+        Under data parallelism each rank computes a share of the batches and the shares are gathered
+        (:func:`~rlhf_lightning.reference_cache.cached_per_index`); only global rank zero writes the cache.
         """
         ref = self.ref_model
         assert ref is not None

@@ -219,7 +219,8 @@ class MODPOModule(DPOModule):
     def precompute_source_margins(self, loaders: dict[str, DataLoader]) -> None:
         """Score every example of each loader with the margin sources (or load the scores from the cache).
 
-        Every rank computes all rows (deterministic); only global rank zero writes the cache.
+        Under data parallelism each rank computes a share of the batches and the shares are gathered
+        (:func:`~rlhf_lightning.reference_cache.cached_per_index`); only global rank zero writes the cache.
         """
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")

@@ -83,9 +83,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
     "dpo_fsdp2_options": (
         "dpo", {}, {"frozen_models": "replicate", "activation_checkpointing": True, "reshard_after_forward": False}
     ),
+    # Reference log-probs precomputed (each rank a share of the batches, gathered), against the live
+    # single-process reference.
+    "dpo_precomputed": ("dpo", {"precompute_reference": True}, None),
 }
 # The single-process run each variant is compared with.
-REFERENCE_VARIANT = {name: ("dpo" if name == "dpo_fsdp2_options" else name) for name in VARIANTS}
+REFERENCE_VARIANT = {name: ("dpo" if name in ("dpo_fsdp2_options", "dpo_precomputed") else name) for name in VARIANTS}
 LOGGED = {
     "reward_model": ["train/loss", "train/accuracy"],
     "dpo": ["train/loss", "train/rewards/margins"],
@@ -136,7 +139,8 @@ def build(method: str, options: dict[str, Any], tokenizer_dir: str, per_device_b
     if method == "reward_model":
         module = RewardModelModule(model=model, tokenizer=tokenizer_dir, optim=optim)
     elif method == "dpo":
-        module = DPOModule(model=model, tokenizer=tokenizer_dir, beta=0.5, optim=optim)
+        module = DPOModule(model=model, tokenizer=tokenizer_dir, beta=0.5, optim=optim,
+                           precompute_reference=options.get("precompute_reference", False))
     elif method == "ppo":
         module = RecordingPPO(
             policy=model,

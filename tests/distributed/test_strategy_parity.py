@@ -29,7 +29,7 @@ import parity_kit as kit  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 DISTRIBUTED_VARIANTS = {
-    "ddp": ["reward_model", "dpo", "ppo", "ppo_critic"],
+    "ddp": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_precomputed"],
     "fsdp2": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_fsdp2_options"],
 }
 LOSS_KEYS = {"reward_model": ["train/loss"], "dpo": ["train/loss"], "ppo": ["loss/policy", "loss/value"]}
