@@ -155,3 +155,14 @@ def tiny_pipeline_run(tmp_path_factory) -> dict:
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, f"rlhf-lightning pipeline --tiny failed:\n{output[-6000:]}"
     return {"run_dir": run_dir, "output": output, "seconds": seconds}
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (scripts are not a package), for tests of its functions."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import csv
 import glob
-import importlib.util
 import json
 import os
 
@@ -186,10 +185,9 @@ def test_elastic_reset_config_runs_and_resets_through_the_cli(tmp_path, tokenize
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.conftest import load_script
+
+    return load_script(name)
 
 
 def _script_args(tmp_path, tokenizer_dir, assets_dir, tiny_config) -> list[str]:

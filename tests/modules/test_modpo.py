@@ -5,7 +5,6 @@ on the embedded world (slow)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 
 import pytest
@@ -212,10 +211,9 @@ def test_configs_parse(capsys, name):
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("pareto_sweep", os.path.join(REPO, "scripts", "pareto_sweep.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.conftest import load_script
+
+    return load_script("pareto_sweep")
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ equal evaluate_policy on hand-built weights), the CSV and PNG are written, bad a
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -21,10 +20,9 @@ EVAL = dict(num_prompts=6, max_new_tokens=5)
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("interpolate_script", os.path.join(REPO, "scripts", "interpolate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.conftest import load_script as load
+
+    return load("interpolate")
 
 
 @pytest.fixture()
