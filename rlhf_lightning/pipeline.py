@@ -68,6 +68,11 @@ def stage_export_dir(stage_dir: str | os.PathLike) -> Path:
     return Path(stage_dir) / "hf" / "final"
 
 
+def _has_export(stage_dir: str | os.PathLike) -> bool:
+    """Whether the stage in ``stage_dir`` finished: its HF export holds a ``config.json``."""
+    return (stage_export_dir(stage_dir) / "config.json").exists()
+
+
 def fit_stage(
     config: str | os.PathLike,
     stage_dir: str | os.PathLike,
@@ -83,7 +88,7 @@ def fit_stage(
     from rlhf_lightning.cli import cli_main
 
     export = stage_export_dir(stage_dir)
-    if (export / "config.json").exists() and not force:
+    if _has_export(stage_dir) and not force:
         return export
     config_path = Path(config)
     if not config_path.is_absolute() and not config_path.exists():
@@ -92,7 +97,7 @@ def fit_stage(
     if quiet:
         args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     cli_main(args)
-    if not (export / "config.json").exists():
+    if not _has_export(stage_dir):
         raise RuntimeError(f"Stage with config {config_path} finished without writing {export}")
     return export
 
@@ -255,13 +260,13 @@ def run_stage(name: str, run_dir: str | os.PathLike, *, quick: bool = False, tin
     """
     stage = _stage_by_name(name)
     run_dir = Path(run_dir)
-    missing = [dep for dep in stage.depends_on if not (stage_export_dir(run_dir / dep) / "config.json").exists()]
+    missing = [dep for dep in stage.depends_on if not _has_export(run_dir / dep)]
     if missing:
         raise FileNotFoundError(f"Stage {name!r} reads the exports of {missing}, which are not in {run_dir}: "
                                 f"run them first (e.g. --stages {' '.join(missing)} {name}).")
     export = stage_export_dir(run_dir / name)
     timing_file = run_dir / name / "train_time_s.txt"
-    if (export / "config.json").exists() and not force:
+    if _has_export(run_dir / name) and not force:
         seconds = float(timing_file.read_text()) if timing_file.exists() else float("nan")
         return StageRun(export, seconds, reused=True)
     config = materialize_config(stage.config, run_dir)
@@ -307,7 +312,7 @@ def evaluate_methods(run_dir: str | os.PathLike, *, num_prompts: int = 200, num_
         num_prompts = min(num_prompts, sum(1 for line in handle if line.strip()))
     wanted = [s for s in STAGES if s.method is not None and (stages is None or s.name in stages)]
     policies = [("SFT", "sft", {})] + [
-        (s.method, s.name, s.targets) for s in wanted if (stage_export_dir(run_dir / s.name) / "config.json").exists()
+        (s.method, s.name, s.targets) for s in wanted if _has_export(run_dir / s.name)
     ]
     rows = []
     for label, stage_name, targets in policies:
@@ -479,7 +484,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     for position, name in enumerate(selected, start=1):
         stage = _stage_by_name(name)
         export = stage_export_dir(run_dir / name)
-        reused = (export / "config.json").exists() and name not in args.force
+        reused = _has_export(run_dir / name) and name not in args.force
         what = f"reusing {export}" if reused else f"training with configs/{stage.config}"
         print(f"[pipeline] stage {position}/{len(selected)} {name}: {what}", flush=True)
         done = run_stage(name, run_dir, quick=args.quick, tiny=args.tiny, seed=args.seed, force=name in args.force)

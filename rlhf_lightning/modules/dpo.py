@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from rlhf_lightning.losses import DPO_LOSS_TYPES, dpo_loss
 from rlhf_lightning.models import ModelSpecArg, freeze, load_causal_lm
 from rlhf_lightning.modules.base import RLHFModuleBase
-from rlhf_lightning.modules.metric_window import MetricWindow, is_logging_step
+from rlhf_lightning.modules.metric_window import MetricWindow
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.modules.pair_forward import PairLogps, pair_logps, reference_pair_logps
 from rlhf_lightning.reference_cache import (
@@ -247,10 +247,9 @@ class DPOModule(RLHFModuleBase):
         for name in _PROGRESS_BAR_METRICS:  # every step: the progress bar shows them
             self.log(f"train/{name}", metrics[name], prog_bar=True, batch_size=batch_size)
         # The other statistics only when the logger writes, as means over the window (see MetricWindow).
-        self._train_window.update({name: value for name, value in metrics.items() if name not in _PROGRESS_BAR_METRICS})
-        if is_logging_step(self._trainer):
-            for name, value in self._train_window.pop_means().items():
-                self.log(f"train/{name}", value, batch_size=batch_size)
+        self._train_window.log(
+            self, {name: value for name, value in metrics.items() if name not in _PROGRESS_BAR_METRICS}, batch_size=batch_size
+        )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -259,8 +258,6 @@ class DPOModule(RLHFModuleBase):
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), batch_size=batch_size, sync_dist=True)
         return metrics  # detached scalars, for callbacks (``on_validation_batch_end``)
-
-    # ------------------------------------------------------------------------------------- checkpoints
 
 
 def _stage_dataloader(trainer, split: str, stage: str) -> DataLoader | None:

@@ -70,3 +70,11 @@ class MetricWindow:
         out = {name: means[i] for i, name in enumerate(self._names)}
         self._sums, self._count = None, 0
         return out
+
+    def log(self, module, metrics: Mapping[str, torch.Tensor], *, batch_size: int, prefix: str = "train/") -> None:
+        """Add this step's ``metrics`` and, on the steps the logger writes (:func:`is_logging_step`), log the
+        window's means through ``module.log`` as ``<prefix><name>``."""
+        self.update(metrics)
+        if is_logging_step(module._trainer):
+            for name, value in self.pop_means().items():
+                module.log(f"{prefix}{name}", value, batch_size=batch_size)

@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.losses import reward_centering_loss, reward_model_loss
 from rlhf_lightning.models import ModelSpecArg, load_reward_model
 from rlhf_lightning.modules.base import RLHFModuleBase
-from rlhf_lightning.modules.metric_window import MetricWindow, is_logging_step
+from rlhf_lightning.modules.metric_window import MetricWindow
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.modules.pair_forward import reward_pair_scores
 
@@ -160,10 +160,7 @@ class RewardModelModule(RLHFModuleBase):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/accuracy", stats.pop("accuracy"), prog_bar=True, batch_size=batch_size)
         # margin / reward_mean / reward_std only when the logger writes, as window means (MetricWindow).
-        self._train_window.update(stats)
-        if is_logging_step(self._trainer):
-            for name, value in self._train_window.pop_means().items():
-                self.log(f"train/{name}", value, batch_size=batch_size)
+        self._train_window.log(self, stats, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
