@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from rlhf_lightning.models import ModelSpec, load_tokenizer
+from rlhf_lightning.models import AdapterDisabledReference, ModelSpec, load_tokenizer
 from rlhf_lightning.modules.optim import Optimization, build_optimizer
 from rlhf_lightning.strategies import apply_fsdp2, export_state_dict
 
@@ -64,7 +64,12 @@ class RLHFModuleBase(L.LightningModule):
         """``{name: model}`` that :meth:`configure_model` places under FSDP2: every child module with
         parameters (policy, value head or critic, reference, ...). Trainable ones are sharded, frozen
         ones sharded or replicated per the strategy's ``frozen_models``. Override to change the set."""
-        return {name: child for name, child in self.named_children() if next(child.parameters(), None) is not None}
+        return {
+            name: child
+            for name, child in self.named_children()
+            # The adapter-disabled reference of a LoRA policy is the policy itself: nothing of its own.
+            if next(child.parameters(), None) is not None and not isinstance(child, AdapterDisabledReference)
+        }
 
     def configure_model(self) -> None:
         """Shard the models with FSDP2 when the strategy is ``ModelParallelStrategy`` (configs/strategy/

@@ -20,7 +20,6 @@ Where this departs from the paper, and why:
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.losses import DPO_LOSS_TYPES, dpo_loss
-from rlhf_lightning.models import ModelSpecArg, freeze, load_causal_lm
+from rlhf_lightning.models import ModelSpecArg, PeftArg, build_reference, load_causal_lm, prepare_trainable
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.metric_window import MetricWindow
 from rlhf_lightning.modules.optim import Optimization
@@ -63,6 +62,8 @@ class DPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Fine-tune a causal LM on preference pairs with DPO (or IPO / hinge / robust DPO).
 
@@ -84,6 +85,14 @@ class DPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
+                arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
+                ``pip install 'rlhf-lightning[peft]'``). Only the adapters train; with ``reference: null`` the reference is the same model with its adapters
+                disabled (no second copy of the weights); the export
+                writes the adapter (``HFExport(merge_adapters=true)`` also writes merged weights).
+            disable_dropout: set every dropout probability of the trained model to 0 (TRL's default):
+                with dropout, the model in train mode differs from itself in eval mode,
+                so the implicit reward is not 0 at initialisation.
 
         Logged (names as in TRL): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
@@ -111,12 +120,12 @@ class DPOModule(RLHFModuleBase):
         self.precompute_reference = precompute_reference
         self.reference_cache_dir = reference_cache_dir
         self._init_tokenizer(tokenizer, model)
-        self.model = load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype)
-        # A copy, not a second load: an inline config would otherwise draw different random weights.
-        ref = copy.deepcopy(self.model) if reference is None else load_causal_lm(reference, tokenizer=self.tokenizer, dtype=dtype)
-        self.ref_model: torch.nn.Module | None = freeze(ref)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model = prepare_trainable(
+            load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
+        )
+        # A named reference, else the LoRA policy with adapters off, else a frozen copy of the policy.
+        self.ref_model: torch.nn.Module | None = build_reference(self.model, reference, tokenizer=self.tokenizer, dtype=dtype)
         self._ref_values: dict[str, PerIndexValues] = {}
         self.reference_cache_hits: dict[str, bool] = {}
         self._train_window = MetricWindow()

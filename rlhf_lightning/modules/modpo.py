@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.generation import decode_completions
 from rlhf_lightning.losses import modpo_loss
-from rlhf_lightning.models import ModelSpecArg
+from rlhf_lightning.models import ModelSpecArg, PeftArg
 from rlhf_lightning.modules.dpo import DPOModule, _stage_dataloader
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.modules.pair_forward import PairLogps, concatenate_pair
@@ -125,6 +125,8 @@ class MODPOModule(DPOModule):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Fine-tune a causal LM on one objective's preference pairs with MODPO, the other objectives
         entering as weighted margins.
@@ -153,6 +155,9 @@ class MODPOModule(DPOModule):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            peft: LoRA adapters (a dict of ``peft.LoraConfig`` keyword arguments); the reference is then
+                the policy with its adapters disabled unless ``reference`` is named (see ``DPOModule``).
+            disable_dropout: set every dropout probability of the policy to 0 (see ``DPOModule``).
 
         Logged (``train/`` per step, ``val/`` per validation epoch): DPO's metrics, where
         ``rewards/*`` are the margin-adjusted implicit rewards of ``modpo_loss``, plus
@@ -184,6 +189,8 @@ class MODPOModule(DPOModule):
             optim=optim,
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
+            peft=peft,
+            disable_dropout=disable_dropout,
         )
         # DPOModule saved this __init__'s arguments too; store them again without the margin sources
         # (objects holding models: rebuilt from the config, never pickled into checkpoints).

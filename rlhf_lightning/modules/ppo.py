@@ -27,7 +27,6 @@ Where this departs from the papers / common implementations, and why:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from dataclasses import asdict
@@ -52,7 +51,15 @@ from rlhf_lightning.losses import (
     ppo_value_loss,
     whiten,
 )
-from rlhf_lightning.models import CausalLMWithValueHead, ModelSpecArg, freeze, load_causal_lm
+from rlhf_lightning.models import (
+    CausalLMWithValueHead,
+    ModelSpecArg,
+    PeftArg,
+    build_reference,
+    build_value_model,
+    load_causal_lm,
+    prepare_trainable,
+)
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.rewards import EnsembleRewardSource, GoldRewardSource, RewardTransform
@@ -105,6 +112,10 @@ class PPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        peft: PeftArg = None,
+        critic_peft: PeftArg = None,
+        disable_dropout: bool = True,
+        critic_warmup_steps: int = 0,
     ):
         """Fine-tune a causal LM against a reward with PPO.
 
@@ -118,7 +129,9 @@ class PPOModule(RLHFModuleBase):
                 ``class_path``/``init_args``; a dict ``{name: source}`` is averaged (a mean ensemble).
                 May be None when a subclass assigns ``self.reward_fn`` itself.
             critic: ``None`` puts a value head on the policy's trunk (one forward gives both); a model
-                spec builds a separate critic (a causal LM trunk + value head) instead.
+                spec builds a separate critic (a causal LM trunk + zero value head) instead; a reward
+                model directory (e.g. the RM export) initialises the critic from the reward model's
+                trunk and score head (OpenRLHF; "Secrets of RLHF I").
             sampling: rollout sampling parameters (``max_new_tokens``, ``temperature``, ...); keep
                 ``top_k=0`` / ``top_p=1.0``: the PPO log-probs assume the full tempered distribution.
             ppo_epochs: passes over each rollout (4, as in Ziegler et al. 2019).
@@ -146,6 +159,14 @@ class PPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``); one schedule step per rollout.
             dtype: parameter dtype of policy, critic and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute activations in backward to save memory.
+            peft: LoRA adapters on the policy (a dict of ``peft.LoraConfig`` keyword arguments); only
+                the adapters and the value head train, and with ``reference: null`` the reference is
+                the policy with its adapters disabled (no second copy of the weights).
+            critic_peft: LoRA adapters on a separate ``critic``'s trunk (its value head trains fully).
+            disable_dropout: set every dropout probability of policy and critic to 0 (TRL's default):
+                with dropout the first PPO ratio is not 1 (old log-probs are computed in eval mode).
+            critic_warmup_steps: for the first N rollouts update only the critic (value loss), not the
+                policy; needs a separate ``critic`` (with a shared trunk the value loss moves the policy).
 
         Logged per rollout: ``reward/raw``, ``reward/score`` (after the transform), ``reward/shaped``
         (per-token rewards summed per episode), ``kl`` (mean sequence KL), ``kl_coef``, ``entropy``,
@@ -169,6 +190,13 @@ class PPOModule(RLHFModuleBase):
             raise ValueError("kl_coef, vf_coef and entropy_coef must be >= 0")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if critic_warmup_steps < 0 or (critic_warmup_steps > 0 and critic is None):
+            raise ValueError(
+                f"critic_warmup_steps must be >= 0 and needs a separate `critic` (got {critic_warmup_steps}, critic={critic!r}): "
+                "with the value head on the policy's trunk, critic-only updates would change the policy too."
+            )
+        if critic_peft and critic is None:
+            raise ValueError("critic_peft needs a separate `critic`; the shared-trunk value head uses the policy's `peft`.")
         objects = {"policy": policy, "reference": reference, "critic": critic}
         self.save_hyperparameters(
             ignore=["reward", "reward_transform"]
@@ -197,6 +225,7 @@ class PPOModule(RLHFModuleBase):
         self.log_samples_every_n_steps = log_samples_every_n_steps
         self.num_logged_samples = num_logged_samples
         self.seed = seed
+        self.critic_warmup_steps = critic_warmup_steps
         # Read by the KL controller callbacks after each training step (see callbacks/kl_control.py).
         self.last_rollout_kl: torch.Tensor | float | None = None
         self.last_rollout_size = 0
@@ -205,24 +234,21 @@ class PPOModule(RLHFModuleBase):
         self.reward_transform = reward_transform  # an nn.Module: its running stats are checkpointed
 
         self._init_tokenizer(tokenizer, policy)
-        lm = load_causal_lm(policy, tokenizer=self.tokenizer, dtype=dtype)
-        # A copy, not a second load: an inline config would otherwise draw different random weights.
-        ref = copy.deepcopy(lm) if reference is None else load_causal_lm(reference, tokenizer=self.tokenizer, dtype=dtype)
-        self.ref_model = freeze(ref)
+        lm = prepare_trainable(
+            load_causal_lm(policy, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
+        )
+        # A named reference, else the LoRA policy with adapters off, else a frozen copy of the policy.
+        self.ref_model = build_reference(lm, reference, tokenizer=self.tokenizer, dtype=dtype)
         self.critic: CausalLMWithValueHead | None = None
         if critic is None:
             self.model: torch.nn.Module = CausalLMWithValueHead(lm, dtype=dtype)
         else:
             self.model = lm
-            self.critic = CausalLMWithValueHead(critic, tokenizer=self.tokenizer, dtype=dtype)
-            head = self.critic.pretrained_model.get_output_embeddings()
-            if head.weight is not self.critic.pretrained_model.get_input_embeddings().weight:
-                # The critic never uses its LM head: keep it out of the optimizer (and DDP's unused-param check).
-                head.requires_grad_(False)
-        if gradient_checkpointing:
-            for model in (self.policy, self.critic.pretrained_model if self.critic is not None else None):
-                if model is not None:
-                    model.gradient_checkpointing_enable()
+            self.critic = build_value_model(
+                critic, tokenizer=self.tokenizer, dtype=dtype, peft=critic_peft, no_dropout=disable_dropout,
+                gradient_checkpointing=gradient_checkpointing,
+            )
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -337,10 +363,12 @@ class PPOModule(RLHFModuleBase):
             value_loss, value_stats = ppo_value_loss(
                 out.values, rollout.values[rows, : width - 1], returns[rows, : width - 1], mask, clip_range=self.value_clip_range
             )
-            loss = policy_loss + self.vf_coef * value_loss
+            # Critic warm-up: the first rollouts train the (separate) critic only.
+            warmup = self.global_step < self.critic_warmup_steps
+            loss = self.vf_coef * value_loss if warmup else policy_loss + self.vf_coef * value_loss
             if out.entropy is not None:
                 entropy = masked_mean(out.entropy, mask)
-                if self.entropy_coef > 0:
+                if self.entropy_coef > 0 and not warmup:
                     loss = loss - self.entropy_coef * entropy
                 sums["entropy"] += entropy.detach()
                 entropy_batches += 1

@@ -22,7 +22,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.losses import reward_centering_loss, reward_model_loss
-from rlhf_lightning.models import ModelSpecArg, load_reward_model
+from rlhf_lightning.models import ModelSpecArg, PeftArg, load_reward_model, prepare_trainable
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.metric_window import MetricWindow
 from rlhf_lightning.modules.optim import Optimization
@@ -90,6 +90,8 @@ class RewardModelModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Train a scalar reward model on preference pairs (Bradley-Terry).
 
@@ -105,6 +107,12 @@ class RewardModelModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
+                arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
+                ``pip install 'rlhf-lightning[peft]'``). Only the adapters train (and the score head, fully); the export
+                writes the adapter (``HFExport(merge_adapters=true)`` also writes merged weights).
+            disable_dropout: set every dropout probability of the trained model to 0 (TRL's default):
+                with dropout, the model in train mode differs from itself in eval mode, so a pair's scores depend on the dropout draw.
 
         Logged (``train/``, ``train/epoch_`` per epoch, ``val/`` per validation): ``loss``,
         ``accuracy`` (fraction of pairs with r_c > r_r), ``margin`` (mean r_c - r_r), ``reward_mean``,
@@ -120,9 +128,10 @@ class RewardModelModule(RLHFModuleBase):
         self.use_margin = use_margin
         self.center_rewards_coef = float(center_rewards_coef or 0.0)
         self._init_tokenizer(tokenizer, model)
-        self.model = load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model = prepare_trainable(
+            load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing, task_type="SEQ_CLS",
+        )
         self.train_metrics = PairRewardMetrics()
         self.val_metrics = PairRewardMetrics()
         self._train_window = MetricWindow()

@@ -11,7 +11,7 @@ import torch
 from torchmetrics.text import Perplexity
 
 from rlhf_lightning.logprobs import causal_lm_logprobs
-from rlhf_lightning.models import ModelSpecArg, load_causal_lm
+from rlhf_lightning.models import ModelSpecArg, PeftArg, load_causal_lm, prepare_trainable
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
 
@@ -30,6 +30,8 @@ class SFTModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Supervised fine-tuning of a causal LM on prompt/completion demonstrations.
 
@@ -41,15 +43,22 @@ class SFTModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
+                arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
+                ``pip install 'rlhf-lightning[peft]'``). Only the adapters train; the export
+                writes the adapter (``HFExport(merge_adapters=true)`` also writes merged weights).
+            disable_dropout: set every dropout probability of the trained model to 0 (TRL's default):
+                with dropout, the model in train mode differs from itself in eval mode.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if not isinstance(model, (str, dict)) else None)
         self.optim = optim or Optimization()
         self.completion_only_loss = completion_only_loss
         self._init_tokenizer(tokenizer, model)
-        self.model = load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model = prepare_trainable(
+            load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
+        )
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
 
     @property
