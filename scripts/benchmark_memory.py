@@ -1,19 +1,20 @@
 """Peak memory of LoRA training: LoRA-DPO (reference = the base model with adapters disabled) against
 LoRA-SFT on the same model, and full fine-tuning DPO with a live reference copy for comparison.
 
-    python scripts/benchmark_memory.py                          # ~80M-parameter Llama, CPU, ~3 min
+    python scripts/benchmark_memory.py                          # 103M-parameter Llama, CPU, ~3 min
     python scripts/benchmark_memory.py --hidden-size 2048 --layers 8 --out memory.md
 
 Each mode runs in its own fresh (spawned) process: build the module, then ``--steps`` training steps
-through Lightning on random token batches (``B`` pairs of ``T`` tokens; SFT trains on the chosen
-sequences). Reported: the process's resident-set high-water mark (``ru_maxrss``, absolute, and its
-growth over the resident size after imports and data), with glibc's mmap threshold pinned to 64 KiB
-(``MALLOC_MMAP_THRESHOLD_``) so tensor buffers go back to the OS on free and the high-water mark
-follows live tensors (weights, gradients, optimizer state, activations) rather than allocator caching.
-On CUDA, ``max_memory_allocated`` instead.
+through Lightning on random token batches: DPO on ``B`` pairs of ``T`` tokens, SFT on the same ``2B``
+sequences (chosen and rejected as ``2B`` demonstrations per step), so both forward the same tokens and
+DPO adds only the reference forward (no gradient). Reported: the process's resident-set high-water
+mark (``ru_maxrss``), absolute and as growth over the resident size after imports and data, with
+glibc's mmap threshold pinned to 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so tensor buffers go back to the
+OS on free and the high-water mark follows live tensors (weights, gradients, optimizer state,
+activations) rather than allocator caching. On CUDA, ``max_memory_allocated`` instead.
 
-The model is chosen large enough that its weights dominate (the default: hidden 1024, 6 layers,
-~80M parameters, 0.32 GB in float32, against activations of a 2 x 64-token batch): what LoRA's
+The model is chosen large enough that its weights dominate (the default: Llama, hidden 1024, 6 layers,
+vocabulary 1000: 103M parameters, 0.41 GB in float32, against activations of 4 x 64 tokens): what LoRA's
 "one copy of the weights" claim is about. ``benchmark.py`` runs this as its ``lora_memory`` section.
 """
 
@@ -51,10 +52,11 @@ def _config(args) -> dict[str, Any]:
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Random rows carrying both a preference pair (``chosen_*`` / ``rejected_*``) and a demonstration
-    (``input_ids`` ... = the chosen side), so SFT and DPO see the same tokens."""
+    """Random preference pairs (``chosen_*`` / ``rejected_*``); with ``demonstrations`` each pair becomes
+    two demonstration rows (``input_ids`` ...: its chosen, then its rejected sequence), so SFT forwards
+    exactly the tokens DPO does."""
 
-    def __init__(self, n: int, seq_len: int, vocab: int):
+    def __init__(self, n: int, seq_len: int, vocab: int, demonstrations: bool = False):
         g = torch.Generator().manual_seed(0)
         prompt = seq_len // 4
         self.rows = []
@@ -65,9 +67,13 @@ class _Rows(torch.utils.data.Dataset):
                 attention = (torch.arange(seq_len) < length).long()
                 completion = ((torch.arange(seq_len) >= prompt) & (attention == 1)).long()
                 row.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attention, f"{side}_completion_mask": completion})
-            row.update(input_ids=row["chosen_input_ids"], attention_mask=row["chosen_attention_mask"],
-                       completion_mask=row["chosen_completion_mask"])
-            self.rows.append(row)
+            if demonstrations:
+                for side in ("chosen", "rejected"):
+                    self.rows.append({"index": torch.tensor(len(self.rows)), "input_ids": row[f"{side}_input_ids"],
+                                      "attention_mask": row[f"{side}_attention_mask"],
+                                      "completion_mask": row[f"{side}_completion_mask"]})
+            else:
+                self.rows.append(row)
 
     def __len__(self):
         return len(self.rows)
@@ -110,7 +116,9 @@ def measure(mode: str, args) -> dict[str, Any]:
     try:
         build_word_level_tokenizer([f"w{i}" for i in range(args.vocab)], tokenizer_dir)
         vocab = len(load_tokenizer(tokenizer_dir))
-        loader = torch.utils.data.DataLoader(_Rows(args.steps * args.batch_size, args.seq_len, vocab), batch_size=args.batch_size)
+        sft = mode.startswith("sft")
+        rows = _Rows(args.steps * args.batch_size, args.seq_len, vocab, demonstrations=sft)
+        loader = torch.utils.data.DataLoader(rows, batch_size=2 * args.batch_size if sft else args.batch_size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             start = torch.cuda.memory_allocated(device) / 2**20
@@ -180,7 +188,8 @@ def to_markdown(results: list[dict[str, Any]], args) -> str:
     lines = [
         f"Model: Llama, hidden {args.hidden_size}, {args.layers} layers, vocab {args.vocab} "
         f"(base {params / 1e6:.1f}M parameters incl. adapters, {results[0]['device'] if results else '?'}, "
-        f"{args.threads} thread(s)); batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps; "
+        f"{args.threads} thread(s)); {args.batch_size} pairs (SFT: {2 * args.batch_size} sequences) x {args.seq_len} tokens, "
+        f"{args.steps} steps; "
         f"LoRA {LORA}.",
         "",
         "| mode | trainable params | share | peak RSS MB | growth MB | peak / LoRA-SFT | growth / LoRA-SFT |",
@@ -199,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-size", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=2, help="pairs (DPO) / sequences (SFT) per step")
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs per step (SFT: twice as many sequences)"
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
