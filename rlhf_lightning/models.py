@@ -193,6 +193,7 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
     torch_dtype = resolve_dtype(dtype)
     if isinstance(spec, Mapping):
         config = build_config(spec, tokenizer, **config_overrides)
+        check_causal_lm_config(config, spec)
         model = auto_class.from_config(config)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
@@ -203,7 +204,14 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
     kwargs.update(config_overrides)
     if os.path.isfile(os.path.join(str(spec), "adapter_config.json")):
         return _load_adapter_dir(auto_class, str(spec), kwargs)
-    return auto_class.from_pretrained(str(spec), **kwargs)
+    try:
+        return auto_class.from_pretrained(str(spec), **kwargs)
+    except ValueError:
+        # transformers' "Unrecognized configuration class" for a T5 / BART checkpoint: say why instead.
+        from transformers import AutoConfig
+
+        check_causal_lm_config(AutoConfig.from_pretrained(str(spec), trust_remote_code=trust_remote_code), spec)
+        raise
 
 
 def _load_adapter_dir(auto_class, path: str, kwargs: dict[str, Any]):
