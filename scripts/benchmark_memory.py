@@ -208,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-size", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=2, help="pairs per step (SFT: twice as many sequences)"
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs per step (SFT: twice as many sequences)")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)

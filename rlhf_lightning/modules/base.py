@@ -121,6 +121,27 @@ class RLHFModuleBase(L.LightningModule):
             )
         return type(result)(missing, result.unexpected_keys)
 
+    # ---- test: the validation step on the test data (``rlhf-lightning test``) -------------------------
+
+    def eval_split(self) -> str:
+        """``"test"`` while the trainer tests, else ``"val"``: which precomputed values an eval step reads."""
+        return "test" if self._trainer is not None and self.trainer.testing else "val"
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        """Called for each test batch (``rlhf-lightning test``, the DataModule's ``test_file``): the
+        validation step, with its ``val/`` metrics logged as ``test/``."""
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """Called when the test epoch ends: the validation epoch-end metrics, as ``test/``."""
+        self.on_validation_epoch_end()
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``; while testing, the validation step's ``val/<name>`` becomes ``test/<name>``."""
+        if name.startswith("val/") and self.eval_split() == "test":
+            name = "test/" + name[len("val/"):]
+        super().log(name, value, *args, **kwargs)
+
     def on_fit_start(self) -> None:
         # transformers 5 returns from_pretrained models in eval mode and Lightning keeps module modes as
         # they are: put the trainable policy in train mode, frozen models stay in eval.

@@ -155,6 +155,8 @@ class DPOModule(RLHFModuleBase):
             splits["train"] = _stage_dataloader(self.trainer, "train", stage)
         if stage in ("fit", "validate") and self.trainer.limit_val_batches != 0:  # 0 = validation disabled: nothing to precompute
             splits["val"] = _stage_dataloader(self.trainer, "val", stage)
+        if stage == "test":
+            splits["test"] = _stage_dataloader(self.trainer, "test", stage)
         if not any(loader is not None for loader in splits.values()):
             return  # nothing to precompute for this stage; keep the live reference
         self.precompute_reference_logps({name: loader for name, loader in splits.items() if loader is not None})
@@ -262,7 +264,7 @@ class DPOModule(RLHFModuleBase):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        _, metrics = self._step(batch, "val")
+        _, metrics = self._step(batch, self.eval_split())
         batch_size = batch["chosen_input_ids"].shape[0]
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), batch_size=batch_size, sync_dist=True)
@@ -270,17 +272,19 @@ class DPOModule(RLHFModuleBase):
 
 
 def _stage_dataloader(trainer, split: str, stage: str) -> DataLoader | None:
-    """The train / val dataloader the trainer is about to use (datamodule or loaders passed to ``fit``)."""
+    """The train / val / test dataloader the trainer is about to use (datamodule or loaders passed to ``fit`` / ``test``)."""
     if trainer is None:
         return None
     datamodule = getattr(trainer, "datamodule", None)
     loader = None
     try:
         if datamodule is not None:
-            loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
+            loader = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
         else:  # loaders passed straight to trainer.fit(...)
             if split == "train":
                 source = trainer.fit_loop._data_source
+            elif split == "test":
+                source = trainer.test_loop._data_source
             elif stage == "validate":
                 source = trainer.validate_loop._data_source
             else:
