@@ -103,7 +103,7 @@ def _module(mode: str, args, tokenizer_dir: str):
 
 
 def measure(mode: str, args) -> dict[str, Any]:
-    """One mode in this process: peak memory (MB) and the trainable / total parameter counts."""
+    """One mode in this process: peak memory (MB) and the policy's trainable / total parameter counts."""
     import lightning as L
 
     from rlhf_lightning.models import load_tokenizer, trainable_parameter_share
@@ -124,7 +124,7 @@ def measure(mode: str, args) -> dict[str, Any]:
             start = torch.cuda.memory_allocated(device) / 2**20
         start_rss = _rss_mb()
         module = _module(mode, args, tokenizer_dir)
-        trainable, total = trainable_parameter_share(module)
+        trainable, total = trainable_parameter_share(module.policy)  # the policy's own (a live reference copy apart)
         trainer = L.Trainer(
             accelerator=device.type, devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -184,15 +184,16 @@ def rows(args) -> list[dict[str, Any]]:
 
 
 def to_markdown(results: list[dict[str, Any]], args) -> str:
-    params = results[0]["total"] if results else 0
+    full = [r for r in results if not r["mode"].endswith("_lora")]
+    params = full[0]["total"] if full else (results[0]["total"] - results[0]["trainable"] if results else 0)
     lines = [
         f"Model: Llama, hidden {args.hidden_size}, {args.layers} layers, vocab {args.vocab} "
-        f"(base {params / 1e6:.1f}M parameters incl. adapters, {results[0]['device'] if results else '?'}, "
+        f"({params / 1e6:.1f}M parameters, {4 * params / 2**30:.2f} GiB in float32; {results[0]['device'] if results else '?'}, "
         f"{args.threads} thread(s)); {args.batch_size} pairs (SFT: {2 * args.batch_size} sequences) x {args.seq_len} tokens, "
         f"{args.steps} steps; "
         f"LoRA {LORA}.",
         "",
-        "| mode | trainable params | share | peak RSS MB | growth MB | peak / LoRA-SFT | growth / LoRA-SFT |",
+        "| mode | trainable params | share of the policy | peak RSS MB | growth MB | peak / LoRA-SFT | growth / LoRA-SFT |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:

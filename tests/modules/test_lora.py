@@ -283,3 +283,36 @@ def test_peft_argument_errors(tiny_config, tokenizer_dir):
         SFTModule(dict(tiny_config), tokenizer_dir, peft={"rank": 4})
     with pytest.raises(ValueError, match="critic_peft needs a separate"):
         PPOModule(dict(tiny_config), tokenizer_dir, critic_peft=LORA, reward=FunctionRewardSource(count_positive))
+
+
+# ------------------------------------------------------------------------------------ critic from an RM
+
+
+def test_critic_from_a_reward_model_starts_at_its_scores_and_warms_up_alone(tmp_path, tiny_config, tokenizer, tokenizer_dir, assets_dir):
+    """``critic=<RM folder>``: the critic's value at a sequence's last token is the reward model's score
+    of it (same trunk, score head copied into the value head). ``critic_warmup_steps=1``: the first
+    rollout updates the critic only."""
+    torch.manual_seed(0)
+    rm = load_reward_model(dict(tiny_config), tokenizer=tokenizer)
+    with torch.no_grad():
+        rm.score.weight.normal_(0.0, 1.0)
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    module = PPOModule(dict(tiny_config), tokenizer_dir, critic=str(tmp_path / "rm"), critic_warmup_steps=1,
+                       reward=FunctionRewardSource(count_positive), sampling={"max_new_tokens": 4}, ppo_epochs=1,
+                       num_minibatches=1, log_samples_every_n_steps=0, optim=Optimization(lr=1e-2))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        values = module.critic.values(ids, mask)
+        scores = reward_model_scores(rm.eval(), ids, mask)
+    assert_close(values[torch.arange(2), mask.sum(-1) - 1], scores, atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in module.critic.pretrained_model.score.parameters())  # copied, unused
+
+    policy_before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    critic_before = {n: p.detach().clone() for n, p in module.critic.named_parameters()}
+    _fit(module, tmp_path, prompts_datamodule(tokenizer_dir, assets_dir), max_steps=1, limit_val_batches=0)
+    assert all(torch.equal(p, policy_before[n]) for n, p in module.model.named_parameters()), "warm-up moved the policy"
+    assert any(not torch.equal(p, critic_before[n]) for n, p in module.critic.named_parameters())
+    with pytest.raises(ValueError, match="critic_warmup_steps"):
+        PPOModule(dict(tiny_config), tokenizer_dir, critic_warmup_steps=2, reward=FunctionRewardSource(count_positive))
