@@ -316,3 +316,21 @@ def test_critic_from_a_reward_model_starts_at_its_scores_and_warms_up_alone(tmp_
     assert any(not torch.equal(p, critic_before[n]) for n, p in module.critic.named_parameters())
     with pytest.raises(ValueError, match="critic_warmup_steps"):
         PPOModule(dict(tiny_config), tokenizer_dir, critic_warmup_steps=2, reward=FunctionRewardSource(count_positive))
+
+
+def test_peft_from_the_command_line(tokenizer_dir, assets_dir, tmp_path):
+    """``--model.init_args.peft='{...}'`` on a shipped config builds a LoRA policy."""
+    import os
+
+    from rlhf_lightning.cli import cli_main
+
+    from tests.modules.test_sft import REPO, TINY_MODEL_ARGS
+
+    cli = cli_main([
+        "--config", os.path.join(REPO, "configs", "dpo.yaml"), "--model.init_args.model.model_type=llama", *TINY_MODEL_ARGS,
+        f"--model.init_args.tokenizer={tokenizer_dir}", "--model.init_args.peft={r: 4, lora_alpha: 8, target_modules: all-linear}",
+        f"--data.init_args.train_file={os.path.join(assets_dir, 'pairs_tiny.jsonl')}", "--data.init_args.val_file=null",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+    ], run=False)
+    assert cli.model.hparams["peft"] == {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    assert isinstance(cli.model.reference, AdapterDisabledReference) and _lora_only(cli.model) == []
