@@ -184,8 +184,13 @@ def build_plan(tiny: bool, resume_strategy: str) -> list[Run | list[Run]]:
 # ------------------------------------------------------------------------------------ what the checkout has
 
 
+def _init_parameters(cls) -> set[str]:
+    """Names of the ``__init__`` arguments of ``cls`` and of its bases (a subclass may pass ``**kwargs`` on)."""
+    return {name for klass in cls.__mro__ if "__init__" in vars(klass) for name in inspect.signature(klass.__init__).parameters}
+
+
 def _accepts(cls, name: str) -> bool:
-    return any(name in inspect.signature(klass.__init__).parameters for klass in cls.__mro__ if "__init__" in vars(klass))
+    return name in _init_parameters(cls)
 
 
 def _module_class(method: str):
@@ -231,16 +236,19 @@ def unsupported(run: Run, device: str) -> str | None:
 # ------------------------------------------------------------------------------------------- the child
 
 
+# Ids of the word-level tokenizer that are not words: 4 special tokens and 5 punctuation marks.
+NON_WORD_IDS = 9
+
+
 def _tokenizer_dir(out: str, vocab: int) -> str:
-    """A word-level tokenizer of exactly ``vocab`` ids (4 special tokens, 5 punctuation marks, words
+    """A word-level tokenizer of exactly ``vocab`` ids (special tokens, punctuation, then words
     ``w0 w1 ...``), built once per vocabulary size with the embedded world's builder."""
-    from rlhf_lightning.synthetic.tokenizer import SPECIAL_TOKENS, build_word_level_tokenizer
+    from rlhf_lightning.synthetic.tokenizer import build_word_level_tokenizer
 
     path = os.path.join(out, "tokenizers", f"words-{vocab}")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        fixed = len(SPECIAL_TOKENS) + 5
         tmp = f"{path}.tmp{os.getpid()}"
-        tokenizer = build_word_level_tokenizer([f"w{i}" for i in range(vocab - fixed)], tmp)
+        tokenizer = build_word_level_tokenizer([f"w{i}" for i in range(vocab - NON_WORD_IDS)], tmp)
         if len(tokenizer) != vocab:
             raise RuntimeError(f"tokenizer has {len(tokenizer)} ids, expected {vocab}")
         os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
@@ -365,10 +373,7 @@ def _module_kwargs(run: Run, cls, spec: dict[str, Any], tokenizer: str, shapes: 
         kwargs["peft"] = dict(LORA)
     if _accepts(cls, "padding_free"):
         kwargs["padding_free"] = "padding_free" in run.variants  # the padded path is the baseline
-    accepted = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            accepted |= set(inspect.signature(klass.__init__).parameters)
+    accepted = _init_parameters(cls)
     if "policy" in kwargs and "policy" not in accepted and "model" in accepted:
         kwargs["model"] = kwargs.pop("policy")
     return {k: v for k, v in kwargs.items() if k in accepted}
@@ -385,15 +390,18 @@ def run_child(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         # Deterministic kernels, so that a resumed run can equal an uninterrupted one bit for bit.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if args.device == "cuda":  # the fused attention backwards accumulate with atomics; the math one does not
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
     import lightning as L
 
     from rlhf_lightning.models import load_tokenizer
 
     mode = "tiny" if args.tiny else "gpu"
     shapes = dict(SHAPES[mode])
-    scale = args.budget
-    shapes["steps"] = max(2, round(shapes["steps"] * scale))
-    shapes["ppo_steps"] = max(1, round(shapes["ppo_steps"] * scale))
+    shapes["steps"] = max(2, round(shapes["steps"] * args.budget))
+    shapes["ppo_steps"] = max(1, round(shapes["ppo_steps"] * args.budget))
     online = run.method in ONLINE_METHODS
     warmup, timed = (shapes["ppo_warmup"], shapes["ppo_steps"]) if online else (shapes["warmup"], shapes["steps"])
     if run.kind.startswith("resume"):
@@ -405,8 +413,7 @@ def run_child(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     model_spec = dict(MODELS[run.model])
     vocab = model_spec.pop("vocab")
     tokenizer_dir = _tokenizer_dir(args.out, vocab)
-    words = vocab - 9
-    records = make_records(run.method, shapes, words)
+    records = make_records(run.method, shapes, vocab - NON_WORD_IDS)
     module_class = _module_class(run.method)
     datamodule_class = _datamodule_class(run.method)
     batch_size = len(records)
@@ -863,7 +870,7 @@ def _percent(value: float | None) -> str:
 
 
 def to_markdown(document: dict[str, Any]) -> str:
-    runs = [r for r in document["runs"] if r["kind"] != "matmul"]
+    runs = [r for r in document["runs"] if r["kind"] != "matmul" or r["status"] != "ok"]  # a probe that ran is in the header
     peak = document.get("peak_tflops")
     lines = [
         "# GPU check", "",

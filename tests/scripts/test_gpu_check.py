@@ -66,7 +66,7 @@ def test_records_are_one_token_per_word_within_the_lengths(script, tmp_path):
     shapes = script.SHAPES["tiny"]
     tokenizer = load_tokenizer(script._tokenizer_dir(str(tmp_path), 64))
     assert len(tokenizer) == 64
-    for record in script.make_records("dpo_live", shapes, words=64 - 9):
+    for record in script.make_records("dpo_live", shapes, words=64 - script.NON_WORD_IDS):
         for side in ("chosen", "rejected"):
             ids = tokenizer(record[side], add_special_tokens=False)["input_ids"]
             assert shapes["completion_len"] // 2 <= len(ids) <= shapes["completion_len"]
@@ -114,6 +114,33 @@ def test_skips_name_their_reason(script):
     assert (grpo is None) == hasattr(modules, "GRPOModule")
     lora = script.unsupported(Run("tiny-qwen2", "single", "dpo_live", ("lora",)), "cpu")
     assert (lora is None) == script._accepts(modules.DPOModule, "peft")
+
+
+def test_features_join_the_check_once_the_modules_accept_them(script, monkeypatch):
+    """Padding-free batches, LoRA and GRPO are built elsewhere: a module that takes ``padding_free`` / ``peft``,
+    and a ``GRPOModule``, are picked up with no edit to the script, and get the arguments of their variant."""
+    import rlhf_lightning.modules as modules
+
+    class FeatureDPO(modules.DPOModule):
+        def __init__(self, *args, padding_free: bool = True, peft: dict | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    class GRPOModule(modules.PPOModule):
+        pass
+
+    monkeypatch.setattr(modules, "DPOModule", FeatureDPO)
+    monkeypatch.setattr(modules, "GRPOModule", GRPOModule, raising=False)
+    Run = script.Run
+    for run in (Run("tiny-qwen2", "single", "dpo_live", ("lora",)), Run("tiny-qwen2", "fsdp2", "dpo_live", ("padding_free",)),
+                Run("tiny-qwen2", "single", "grpo")):
+        assert script.unsupported(run, "cpu") is None, run.name
+    shapes = script.SHAPES["tiny"]
+    lora = script._module_kwargs(Run("m", "single", "dpo_live", ("lora",)), FeatureDPO, {}, "tok", shapes, 1e-3)
+    assert lora["peft"] == script.LORA and lora["padding_free"] is False and lora["precompute_reference"] is False
+    packed = script._module_kwargs(Run("m", "single", "dpo_precomputed", ("padding_free",)), FeatureDPO, {}, "tok", shapes, 1e-3)
+    assert packed["padding_free"] is True and "peft" not in packed and packed["precompute_reference"] is True
+    grpo = script._module_kwargs(Run("m", "single", "grpo"), GRPOModule, {}, "tok", shapes, 1e-3)
+    assert grpo["sampling"]["num_samples_per_prompt"] == shapes["grpo_group"] and "policy" in grpo
 
 
 # ---- the CPU smoke mode, end to end --------------------------------------------------------------
