@@ -530,7 +530,9 @@ def run_child(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     peak_tflops = args.peak_tflops
     result = {
         "n_matmul_params": n, "params_total": params_total, "params_trainable": params_trainable,
-        "strategy_class": type(trainer.strategy).__name__, "precision": precision,
+        "strategy_class": type(trainer.strategy).__name__,
+        # FSDP2 computes in its plan's param_dtype whatever the trainer precision says.
+        "precision": precision + (f", param_dtype {trainer.strategy.plan.param_dtype}" if hasattr(trainer.strategy, "plan") else ""),
         "warmup_steps": warmup if not run.kind.startswith("resume") else 0, "timed_steps": len(timed_steps),
         "step_seconds": [s["seconds"] for s in steps], "median_step_s": step_s,
         "tokens_per_step": tokens, "computed_tokens_per_step": computed, "items_per_step": items, "item_kind": item_kind,
@@ -899,6 +901,9 @@ def to_markdown(document: dict[str, Any]) -> str:
             f"| {memory_text} | {gen_text} | {_fmt(losses[0], '.4g')} -> {_fmt(losses[-1], '.4g')} "
             f"| {'yes' if checks['loss_finite'] else 'NO'} | {'yes' if checks['moved'] else 'NO'} |"
         )
+    precisions = {r["strategy"]: f"{r['strategy_class']} {r['precision']}" for r in runs if r["status"] == "ok" and r["kind"] != "matmul"}
+    if precisions:
+        lines += ["", "Strategies as run: " + "; ".join(f"{name}: {text}" for name, text in precisions.items()) + "."]
     flagged = [(r["name"], k) for r in runs if r["status"] == "ok" for k, v in r["checks"].items() if isinstance(v, bool) and not v]
     if flagged:
         lines += ["", "Checks that failed: " + "; ".join(f"{name}: {check}" for name, check in flagged) + "."]
