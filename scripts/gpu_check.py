@@ -508,25 +508,10 @@ def run_child(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     computed = _median([s.get("computed_tokens", float("nan")) for s in timed_steps])
 
     losses = [s["loss"] for s in steps]
-    finite = all(v is not None and math.isfinite(v) for v in losses)
-    checks: dict[str, Any] = {"loss_finite": finite}
+    kls = [s.get("kl") for s in steps] if online else None
+    checks = loss_checks(run.method, run.kind, losses, kls)
     # One optimizer step per recorded batch (PPO: one counted step per rollout), as the module promises.
     checks["global_step_counts_batches"] = trainer.global_step == len(steps) + (args.resume_steps if run.kind == "resume_second" else 0)
-    if online and any(s.get("kl") is not None for s in steps):
-        kls = [s.get("kl") for s in steps]
-        checks["moved"] = bool(kls[-1] is not None and kls[-1] > 1e-6)
-        checks["moved_rule"] = "rollout KL to the reference > 0 at the last step"
-        if run.kind == "train":
-            checks["first_rollout_kl"] = kls[0]
-            checks["first_rollout_kl_is_0"] = kls[0] is not None and abs(kls[0]) < 1e-3
-    elif online:  # no `kl` logged: the loss must at least change
-        checks["moved"] = bool(finite and len(set(losses)) > 1)
-        checks["moved_rule"] = "the loss changed (no rollout KL logged)"
-    else:
-        checks["moved"] = bool(finite and len(losses) > 1 and losses[-1] < losses[0])
-        checks["moved_rule"] = "last loss < first loss (the same batch every step)"
-        if run.method.startswith("dpo") and run.kind in ("train", "resume_full", "resume_first"):
-            checks["first_loss_is_ln2"] = losses[0] is not None and abs(losses[0] - math.log(2)) < 1e-3
     peak_tflops = args.peak_tflops
     result = {
         "n_matmul_params": n, "params_total": params_total, "params_trainable": params_trainable,
@@ -545,8 +530,36 @@ def run_child(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "setup_s": setup_s, "fit_s": fit_s, **peak,
     }
     if online:
-        result["kl"] = [s.get("kl") for s in steps]
+        result["kl"] = kls
     return result
+
+
+def loss_checks(method: str, kind: str, losses: list[float | None], kls: list[float | None] | None) -> dict[str, Any]:
+    """Whether training worked, from the per-step losses (and, online, the rollout KLs to the reference).
+
+    ``loss_finite``: every step's loss is finite. ``moved``: offline, the last loss is below the first (the
+    same batch every step); online, the last rollout's KL is above 0 (the policy left the reference), or,
+    when no KL is logged, the loss changed. DPO's first loss is ln 2 (policy == reference) and PPO's first
+    rollout KL 0 (checked on the runs that start from step 0).
+    """
+    finite = all(v is not None and math.isfinite(v) for v in losses)
+    checks: dict[str, Any] = {"loss_finite": finite}
+    from_start = kind in ("train", "resume_full", "resume_first")
+    if kls is not None and any(kl is not None for kl in kls):
+        checks["moved"] = bool(kls[-1] is not None and kls[-1] > 1e-6)
+        checks["moved_rule"] = "rollout KL to the reference > 0 at the last step"
+        if from_start:
+            checks["first_rollout_kl"] = kls[0]
+            checks["first_rollout_kl_is_0"] = kls[0] is not None and abs(kls[0]) < 1e-3
+    elif kls is not None:
+        checks["moved"] = bool(finite and len(set(losses)) > 1)
+        checks["moved_rule"] = "the loss changed (no rollout KL logged)"
+    else:
+        checks["moved"] = bool(finite and len(losses) > 1 and losses[-1] < losses[0])
+        checks["moved_rule"] = "last loss < first loss (the same batch every step)"
+        if method.startswith("dpo") and from_start:
+            checks["first_loss_is_ln2"] = losses[0] is not None and abs(losses[0] - math.log(2)) < 1e-3
+    return checks
 
 
 def _features(datamodule) -> list[dict[str, Any]] | None:

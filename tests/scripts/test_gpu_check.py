@@ -73,6 +73,22 @@ def test_records_are_one_token_per_word_within_the_lengths(script, tmp_path):
             assert tokenizer.unk_token_id not in ids
 
 
+def test_loss_checks(script):
+    ln2 = math.log(2)
+    good = script.loss_checks("dpo_live", "train", [ln2, 0.6, 0.5], None)
+    assert good["loss_finite"] and good["moved"] and good["first_loss_is_ln2"]
+    stuck = script.loss_checks("sft", "train", [2.0, 2.0, 2.1], None)
+    assert stuck["loss_finite"] and not stuck["moved"]
+    assert not script.loss_checks("rm", "train", [0.7, float("nan"), 0.5], None)["loss_finite"]
+    assert not script.loss_checks("dpo_live", "train", [0.9, 0.5], None)["first_loss_is_ln2"]
+    assert "first_loss_is_ln2" not in script.loss_checks("dpo_live", "resume_second", [0.5, 0.4], None)  # starts mid-run
+    online = script.loss_checks("ppo", "train", [-0.1, 0.2], [0.0, 0.03])
+    assert online["moved"] and online["first_rollout_kl_is_0"]
+    assert not script.loss_checks("ppo", "train", [-0.1, 0.2], [0.0, 0.0])["moved"]  # the policy never left the reference
+    assert not script.loss_checks("ppo", "train", [-0.1, 0.2], [0.5, 0.6])["first_rollout_kl_is_0"]
+    assert script.loss_checks("grpo", "train", [0.1, 0.2], [None, None])["moved"]  # no KL logged: the loss changed
+
+
 def test_compare_resume(script):
     full = {"status": "ok", "losses": [0.7, 0.6, 0.5, 0.4]}
     assert script.compare_resume(full, {"status": "ok", "losses": [0.5, 0.4]}, 2, 1e-5)["status"] == "ok"
