@@ -90,6 +90,9 @@ class RewardModelModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        shared_prompt: bool = True,
+        max_row_tokens: int | None = None,
     ):
         """Train a scalar reward model on preference pairs (Bradley-Terry).
 
@@ -105,6 +108,12 @@ class RewardModelModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            padding_free: pack each batch's sequences into rows without padding (position ids restart
+                per sequence, attention stays within it); same rewards as the padded batch. Models
+                that cannot take packed rows are run padded. ``False`` = the padded ``(2B, T)`` batch.
+            shared_prompt: with ``padding_free``, each pair's prompt once, both completions attending
+                to it and not to each other.
+            max_row_tokens: token budget of a packed row; ``None`` = the longest unit of the batch.
 
         Logged (``train/``, ``train/epoch_`` per epoch, ``val/`` per validation): ``loss``,
         ``accuracy`` (fraction of pairs with r_c > r_r), ``margin`` (mean r_c - r_r), ``reward_mean``,
@@ -119,6 +128,8 @@ class RewardModelModule(RLHFModuleBase):
         self.optim = optim or Optimization()
         self.use_margin = use_margin
         self.center_rewards_coef = float(center_rewards_coef or 0.0)
+        self.pair_layout = ("shared_prompt" if shared_prompt else "padding_free") if padding_free else "padded"
+        self.max_row_tokens = max_row_tokens
         self._init_tokenizer(tokenizer, model)
         self.model = load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype)
         if gradient_checkpointing:
@@ -141,7 +152,9 @@ class RewardModelModule(RLHFModuleBase):
         return int(pad) if pad is not None else 0
 
     def _step(self, batch: dict[str, torch.Tensor]):
-        chosen, rejected = reward_pair_scores(self.model, batch, pad_token_id=self._pad_token_id())  # (B,), (B,)
+        chosen, rejected = reward_pair_scores(
+            self.model, batch, pad_token_id=self._pad_token_id(), layout=self.pair_layout, max_row_tokens=self.max_row_tokens
+        )  # (B,), (B,)
         margin = None
         if self.use_margin:
             if "margin" not in batch:
