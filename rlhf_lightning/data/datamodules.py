@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.collators import DemonstrationCollator, PreferenceCollator, PromptCollator
 from rlhf_lightning.data.records import RecordSource
+from rlhf_lightning.data.samplers import LengthGroupedSampler, example_lengths
 from rlhf_lightning.data.tokenization import TokenizeConfig, TokenizedData, TokenizedDataset, Truncation, load_tokenized
 
 __all__ = ["RLHFDataModule", "DemonstrationDataModule", "PreferenceDataModule", "PromptDataModule"]
@@ -54,6 +55,7 @@ class RLHFDataModule(L.LightningDataModule):
         dataset: Any = None,
         val_dataset: Any = None,
         limit_train_records: int | None = None,
+        group_by_length: bool = False,
     ):
         """
         Args:
@@ -82,6 +84,9 @@ class RLHFDataModule(L.LightningDataModule):
                 ``datasets.Dataset`` or a list of dicts.
             val_dataset: validation records in memory instead of ``val_file``.
             limit_train_records: keep only the first N training records (after the split) for short runs.
+            group_by_length: shuffled training batches of similar lengths (sorted within shuffled
+                windows of 50 batches, :class:`~rlhf_lightning.data.samplers.LengthGroupedSampler`):
+                less padding for modules run with ``padding_free: false``.
         """
         super().__init__()
         if train_file is not None and dataset is not None:
@@ -110,6 +115,7 @@ class RLHFDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.val_dataset = val_dataset
         self.limit_train_records = limit_train_records
+        self.group_by_length = group_by_length
         self.tokenizer_name: str | None = None
         self._tokenizer: Any = None
         self.tokenizer = tokenizer
@@ -214,10 +220,14 @@ class RLHFDataModule(L.LightningDataModule):
         return self.collator_class(pad_token_id=self._pad_token_id(), pad_to_multiple_of=self.pad_to_multiple_of)
 
     def _loader(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle and self.group_by_length:
+            sampler = LengthGroupedSampler(example_lengths(dataset.data.features), batch_size, seed=self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
