@@ -106,11 +106,21 @@ def packed_logprobs(
         temperature: logits are divided by it.
         return_logits_sum: also return the per-sequence sums of mean logits (a metric).
 
-    Only the logits at predictor positions enter the log-softmax: ``(N, V)`` instead of ``(R, L, V)``.
+    Only the N predictor positions go through the output layer and the log-softmax: ``(N, V)`` logits
+    instead of ``(R, L, V)`` (prompt positions and row padding predict nothing that is scored). A
+    forward pre-hook on the model's output embeddings hands it the gathered ``(1, N, H)`` hidden states;
+    whatever the model does to logits after that layer (soft-capping, scaling) still applies. A model
+    without output embeddings gets the full logits, gathered afterwards.
     """
     mask = packed_attention_mask(model, packed)
-    logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False).logits
-    picked = logits.reshape(-1, logits.shape[-1])[packed.predictor_positions].float()  # (N, V)
+    with _output_layer_on(model, packed.predictor_positions, packed.input_ids.shape) as gathered:
+        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False).logits
+    if gathered:
+        picked = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
+    else:
+        picked = logits.reshape(-1, logits.shape[-1])[packed.predictor_positions].float()  # (N, V)
+    if picked.shape[0] != packed.predictor_positions.shape[0]:
+        raise RuntimeError(f"expected logits for {packed.predictor_positions.shape[0]} positions, got {picked.shape[0]}")
     if temperature != 1.0:
         picked = picked / temperature
     token_logps = picked.gather(-1, packed.label_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)  # (N,)
@@ -128,6 +138,32 @@ def packed_logprobs(
                 0, packed.label_sequence, picked.detach().mean(dim=-1)
             )
     return PackedLogprobs(sequence, tokens, token_logps, logits_sum)
+
+
+class _output_layer_on:
+    """Context manager: while active, the model's output embeddings see only the hidden states at
+    ``positions`` (flat indices into the ``(R, L)`` rows), as ``(1, N, H)``. ``as`` gives True when the
+    hook is installed (False: the model has no output embeddings; logits come back whole)."""
+
+    def __init__(self, model: nn.Module, positions: torch.Tensor, rows_shape: torch.Size):
+        getter = getattr(model, "get_output_embeddings", None)
+        self.layer = getter() if callable(getter) else None
+        self.positions, self.rows_shape, self.handle = positions, tuple(rows_shape), None
+
+    def _gather(self, module: nn.Module, args: tuple):
+        hidden = args[0]
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.rows_shape:
+            raise RuntimeError(f"output layer input of shape {tuple(hidden.shape)}, expected {self.rows_shape} + (H,)")
+        return (hidden.reshape(-1, hidden.shape[-1])[self.positions].unsqueeze(0), *args[1:])
+
+    def __enter__(self) -> bool:
+        if isinstance(self.layer, nn.Module):
+            self.handle = self.layer.register_forward_pre_hook(self._gather)
+        return self.handle is not None
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def packed_reward_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
