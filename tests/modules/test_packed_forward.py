@@ -80,6 +80,23 @@ def test_packing_computes_fewer_tokens_and_a_leaky_mask_is_caught(tokenizer, tin
     leaky = free._replace(segment_ids=torch.where(free.segment_ids >= 0, 0, -1))
     assert free.num_rows < len(MORE_PAIRS) * 2  # several sequences share a row, so a leak has something to see
     assert (packed_logprobs(tiny_model, leaky).sequence - exact).abs().max() > 1e-3
+    assert not tiny_model.get_output_embeddings()._forward_pre_hooks  # the gathering hook is removed after the forward
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_transformers_packed_position_ids_agree_with_our_mask(arch, tokenizer, tiny_config):
+    """What flash-attention runs on (``packing_mode == "position_ids"``): transformers finds the packed
+    sequences from ``position_ids`` when no mask is given and no cache is in use (``use_cache=False``;
+    with a cache it does not look). Checked here with SDPA on CPU against the mask we build."""
+    torch.manual_seed(0)
+    model = load_causal_lm(architecture(arch, tiny_config), tokenizer=tokenizer).eval()
+    pair = concatenate_pair(make_batch(tokenizer, MORE_PAIRS))
+    packed = pack_pairs(pair.input_ids, pair.attention_mask, pair.completion_mask, pair.num_pairs, shared_prompt=False, max_tokens=40)
+    inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
+    ours = model(attention_mask=packed.attention_allowed(), **inputs).logits
+    theirs = model(attention_mask=None, **inputs).logits
+    real = packed.segment_ids >= 0
+    assert_close(theirs[real], ours[real], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
