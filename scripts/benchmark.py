@@ -74,7 +74,7 @@ def to_markdown(rows, args) -> str:
     lines = [
         f"Model: llama hidden {args.hidden_size}, {args.layers} layers, vocab {args.vocab}; batch {args.batch_size} pairs, "
         f"T = {args.seq_len}; {args.steps} timed steps after {args.warmup} warmup (median); device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads") + ".",
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads or torch.get_num_threads()} torch threads") + ".",
         "",
         f"Peak memory: {'CUDA max_memory_allocated growth' if device.type == 'cuda' else 'resident-set high-water-mark growth (mmap threshold 64 KiB)'}.",
         "",

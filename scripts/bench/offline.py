@@ -322,8 +322,19 @@ def _row(section: str, shape: str, mode: str, result: dict[str, Any], args, bare
     return {
         "section": section, "shape": shape, "mode": mode, "step_ms": 1000 * wall, "cpu_ms": 1000 * cpu,
         "per_s": units / (wall if cuda else cpu), "peak_mb": result["peak_mb"],
-        "speedup": bare_cost / _step_cost(result, _device(args)), **tokens,
+        "speedup": bare_cost / _step_cost(result, _device(args)), "paired": _paired_ratio_quartiles(result, cuda), **tokens,
     }
+
+
+def _paired_ratio_quartiles(result: dict[str, Any], cuda: bool) -> tuple[float, float] | None:
+    """First and third quartile of the per-step ratios bare step / module step, each module step paired
+    with the bare step run right after it on the same batch (the spread of ``x bare padded``)."""
+    key = "times" if cuda else "cpu_times"
+    module, bare = result.get(key), result.get(f"bare_{key}")
+    if not module or not bare or len(module) != len(bare):
+        return None
+    ratios = sorted(b / m for b, m in zip(bare, module))
+    return ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
 
 
 def _layout_rows(section: str, shape: str, kinds: list[tuple[str, str]], args) -> list[dict[str, Any]]:
@@ -378,17 +389,19 @@ def layout_table(rows: list[dict[str, Any]], args) -> str:
     lines = [
         f"Pairs/s (demonstrations/s for SFT) and `x bare padded` on median {basis} time per step; `x bare padded` = "
         "bare padded step time / this step's time, both measured interleaved in the same process. Token counts are "
-        "means per step; waste = 1 - useful / computed (padding, and for pairs the prompt computed twice).",
+        "means per step; waste = 1 - useful / computed (padding, and for pairs the prompt computed twice). "
+        "`paired IQR`: quartiles of the per-step ratios (each module step over the bare step right after it).",
         "",
         "| section | shape | mode | tokens computed | useful | waste | output-layer positions | step wall (ms) | "
-        f"step CPU (ms) | pairs/s ({'wall' if cuda else 'CPU'}) | peak memory (MiB) | x bare padded |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"step CPU (ms) | pairs/s ({'wall' if cuda else 'CPU'}) | peak memory (MiB) | x bare padded | paired IQR |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         waste = 1.0 - r["useful"] / r["computed"] if r["computed"] else float("nan")
         output = f"{r['output']:.0f}" if r["section"] != "rm" else "-"
+        paired = f"{r['paired'][0]:.2f}-{r['paired'][1]:.2f}" if r.get("paired") else "-"
         lines.append(
             f"| {r['section']} | {r['shape']} | {r['mode']} | {r['computed']:.0f} | {r['useful']:.0f} | {100 * waste:.1f}% | "
-            f"{output} | {r['step_ms']:.1f} | {r['cpu_ms']:.1f} | {r['per_s']:.1f} | {r['peak_mb']:.1f} | {r['speedup']:.2f}x |"
+            f"{output} | {r['step_ms']:.1f} | {r['cpu_ms']:.1f} | {r['per_s']:.1f} | {r['peak_mb']:.1f} | {r['speedup']:.2f}x | {paired} |"
         )
     return "\n".join(lines) + "\n"
