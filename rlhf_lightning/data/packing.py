@@ -16,6 +16,9 @@ gather: scored token ``j`` has its label id, the flat position (in ``R * L``) of
 predict it, and the sequence it belongs to. In the tree, the first token of the rejected completion is
 predicted by the last prompt token, which is not its neighbour in the row — hence explicit predictors.
 
+The plan is made on the host from the sequence lengths (one device-to-host copy of the lengths per
+packed forward); the tokens are moved into the rows on the batch's device.
+
 Notation: S sequences, T padded length, R packed rows, L row length, N scored tokens.
 """
 

@@ -29,7 +29,14 @@ from torch import nn
 
 from rlhf_lightning.data.packing import PackedBatch
 
-__all__ = ["PackedLogprobs", "packing_mode", "packed_attention_mask", "packed_logprobs", "packed_reward_scores"]
+__all__ = [
+    "PackedLogprobs",
+    "packing_mode",
+    "packed_attention_mask",
+    "packed_logprobs",
+    "packed_reward_scores",
+    "reward_packing_supported",
+]
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +179,13 @@ def packed_reward_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.
     :func:`~rlhf_lightning.models.reward_model_scores` does for a padded batch)."""
     from rlhf_lightning.models import _score_head
 
-    head = _score_head(reward_model)
-    backbone = getattr(reward_model, "base_model", None)
-    if head is None or backbone is None or backbone is reward_model:
-        raise ValueError("packed reward scoring needs a model with a backbone (`base_model`) and a score head")
+    if not reward_packing_supported(reward_model):
+        raise ValueError("packed reward scoring needs a model with a transformers backbone (`base_model`) and a score head")
+    head, backbone = _score_head(reward_model), reward_model.base_model
     mask = packed_attention_mask(reward_model, packed)
     hidden = backbone(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)[0]
+    if tuple(hidden.shape[:2]) != tuple(packed.input_ids.shape):
+        raise RuntimeError(f"reward backbone returned {tuple(hidden.shape)}, expected hidden states {tuple(packed.input_ids.shape)} + (H,)")
     pooled = hidden.reshape(-1, hidden.shape[-1])[packed.last_positions]  # (S, H)
     return head(pooled).squeeze(-1).float()
 
@@ -186,5 +194,8 @@ def reward_packing_supported(reward_model: nn.Module) -> bool:
     """True when :func:`packed_reward_scores` can score ``reward_model``."""
     from rlhf_lightning.models import _score_head
 
+    from transformers import PreTrainedModel
+
     backbone = getattr(reward_model, "base_model", None)
-    return _score_head(reward_model) is not None and backbone is not None and backbone is not reward_model
+    # A wrapper's `base_model` (e.g. a PEFT tuner) runs the whole classifier, not the backbone: padded path.
+    return _score_head(reward_model) is not None and isinstance(backbone, PreTrainedModel) and backbone is not reward_model

@@ -15,7 +15,7 @@ from rlhf_lightning.data.packing import pack_pairs, pack_sequences
 from rlhf_lightning.logprobs import causal_lm_logprobs
 from rlhf_lightning.models import load_causal_lm, load_reward_model
 from rlhf_lightning.modules import Optimization, RewardModelModule, SFTModule
-from rlhf_lightning.modules.packed_forward import packed_logprobs, packing_mode
+from rlhf_lightning.modules.packed_forward import packed_logprobs, packing_mode, reward_packing_supported
 from rlhf_lightning.modules.pair_forward import concatenate_pair, pair_logps, reward_pair_scores
 
 from tests.modules.test_dpo import RecordLosses, fit, make_module
@@ -57,6 +57,7 @@ def test_pair_logps_and_rewards_equal_padded(arch, implementation, tokenizer, ti
                 for field in ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens", "chosen_logits_mean",
                               "rejected_logits_mean"):
                     assert_close(getattr(got, field), getattr(padded, field), atol=1e-5, rtol=0, msg=f"{layout} {budget} {field}")
+    assert reward_packing_supported(reward_model)  # so the packed path below really runs packed
     chosen, rejected = reward_pair_scores(reward_model, batch)
     for layout in PACKED:
         got_chosen, got_rejected = reward_pair_scores(reward_model, batch, layout=layout, max_row_tokens=64)
