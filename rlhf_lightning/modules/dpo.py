@@ -2,7 +2,9 @@
 
 The loss is :func:`~rlhf_lightning.losses.dpo_loss` on sequence log-probs of the chosen and rejected
 completions under the trainable policy and a frozen reference. Both sides go through ONE forward per
-model (:mod:`~rlhf_lightning.modules.pair_forward`).
+model (:mod:`~rlhf_lightning.modules.pair_forward`), by default packed without padding and with each
+pair's prompt computed once (``padding_free`` / ``shared_prompt``): the same log-probs as the padded
+batch to float rounding, fewer tokens computed (docs/results/benchmark.md).
 
 Where this departs from the paper, and why:
 

@@ -9,8 +9,9 @@ Where this departs from the papers, and why:
 
 * InstructGPT puts all K-choose-2 comparisons of a prompt in one batch element; we take pairs as
   they come (the data's job), which is what TRL and DeepSpeed-Chat do.
-* Chosen and rejected are scored in ONE forward over the stacked ``(2B, T)`` batch
-  (:func:`~rlhf_lightning.modules.pair_forward.reward_pair_scores`).
+* Chosen and rejected are scored in ONE forward
+  (:func:`~rlhf_lightning.modules.pair_forward.reward_pair_scores`), by default packed without padding
+  and with each pair's prompt computed once (the same rewards as the padded batch, fewer tokens).
 * The score is read at the last real token found from the attention mask, not by comparing ids
   with the pad id (which may equal EOS).
 """
