@@ -49,6 +49,7 @@ sys.path[:0] = [os.path.dirname(_SCRIPTS), _SCRIPTS]  # the package, and scripts
 
 from bench.harness import _device, _median, _step_cost  # noqa: E402
 from bench.offline import (  # noqa: E402
+    PAIR_SHAPES,
     _measure,
     _row,
     bench_dpo,
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=1000, help="words in the benchmark tokenizer")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    parser.add_argument("--pair-shapes", nargs="+", default=list(PAIR_SHAPES), choices=list(PAIR_SHAPES),
+                        help="dpo/rm: pair length shapes (scripts/bench/offline.py)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per pair sequence (shapes: scripts/bench/offline.py)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")

@@ -10,8 +10,10 @@ Layouts (``layout`` of :func:`rlhf_lightning.modules.pair_forward.pair_logps`; S
 Shapes (``T = --seq-len``): ``default`` is the benchmark's historical pair shape — prompt T/4, chosen
 completion 3T/4 (T tokens in all), rejected completion T/2 (3T/4 in all), every pair alike;
 ``long_prompt`` has the prompt 3x the completion, as in chat data — prompt 3T/4, chosen completion T/4,
-rejected completion 3T/16. SFT runs on variable-length demonstrations: prompt ~ U[T/16, T/4] and
-completion ~ U[T/16, 3T/4] tokens, batches padded to their longest (as the collator does).
+rejected completion 3T/16; ``variable`` draws every length: prompt ~ U[T/16, 3T/8], each completion
+~ U[T/16, 5T/8] (independently for chosen and rejected). SFT runs on variable-length demonstrations:
+prompt ~ U[T/16, T/4] and completion ~ U[T/16, 3T/4] tokens. Variable-length batches are padded to
+their longest (each pair side to its own, as the collators do).
 
 Token counts per step: *computed* = positions the model runs (``2B x T`` padded, ``R x L`` packed);
 *useful* = distinct real tokens (a pair's prompt counted once); *output positions* = positions that go
@@ -45,13 +47,18 @@ from bench.harness import (
     _MMAP_THRESHOLD,
 )
 
-PAIR_SHAPES = ("default", "long_prompt")
+PAIR_SHAPES = ("default", "long_prompt", "variable")
 PAIR_LAYOUTS = ("padded", "padding_free", "shared_prompt")
 SFT_LAYOUTS = ("padded", "padding_free")
 
 
-def pair_lengths(shape: str, seq_len: int) -> tuple[int, int, int]:
-    """``(prompt, chosen completion, rejected completion)`` tokens of a pair of ``shape``."""
+def pair_lengths(shape: str, seq_len: int, generator: torch.Generator | None = None) -> tuple[int, int, int]:
+    """``(prompt, chosen completion, rejected completion)`` tokens of a pair of ``shape`` (``variable``
+    draws them from ``generator``)."""
+    if shape == "variable":
+        low = max(1, seq_len // 16)
+        draw = lambda high: int(torch.randint(low, max(low + 1, high + 1), (), generator=generator))  # noqa: E731
+        return draw(3 * seq_len // 8), draw(5 * seq_len // 8), draw(5 * seq_len // 8)
     if shape == "default":
         prompt = seq_len // 4
         return prompt, seq_len - prompt, max(2, 3 * seq_len // 4 - prompt)
@@ -67,9 +74,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, n: int, seq_len: int, vocab: int, shape: str = "default", seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        prompt, chosen, rejected = pair_lengths(shape, seq_len)
         self.rows = []
         for i in range(n):
+            prompt, chosen, rejected = pair_lengths(shape, seq_len, g)
             row = {"index": torch.tensor(i)}
             prompt_ids = torch.randint(0, vocab, (prompt,), generator=g)
             for side, completion in (("chosen", chosen), ("rejected", rejected)):
@@ -111,10 +118,16 @@ class DemonstrationDataset(torch.utils.data.Dataset):
 
 
 def _collate_trimmed(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack and cut the columns no row uses (dynamic padding to the batch's longest, as the collators do)."""
+    """Stack and cut the columns no row uses (dynamic padding to the batch's longest, as the collators
+    do; each side of a pair to its own longest)."""
     batch = torch.utils.data.default_collate(rows)
-    width = int(batch["attention_mask"].sum(-1).max())
-    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+    widths = {prefix: int(batch[f"{prefix}attention_mask"].sum(-1).max()) for prefix in ("", "chosen_", "rejected_")
+              if f"{prefix}attention_mask" in batch}
+    out = {}
+    for key, value in batch.items():
+        prefix = next((p for p in ("chosen_", "rejected_") if key.startswith(p)), "")
+        out[key] = value[:, : widths[prefix]] if value.dim() == 2 else value
+    return out
 
 
 def _section(kind: str) -> str:
@@ -129,7 +142,7 @@ def _loader(section: str, args, vocab):
         data = DemonstrationDataset(steps * 2 * args.batch_size, args.seq_len, vocab)
         return torch.utils.data.DataLoader(data, batch_size=2 * args.batch_size, shuffle=False, collate_fn=_collate_trimmed)
     data = PairDataset(steps * args.batch_size, args.seq_len, vocab, shape=getattr(args, "shape", "default"))
-    return torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
+    return torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=_collate_trimmed)
 
 
 def _bare_step(kind: str, args, tokenizer, device) -> Callable[[dict], None]:
@@ -362,7 +375,7 @@ def bench_dpo(args) -> list[dict[str, Any]]:
     """DPOModule (live and precomputed reference) in every layout against the bare padded step (policy
     fwd+bwd on the concatenated batch + reference fwd + AdamW), on both pair shapes."""
     rows = []
-    for shape in PAIR_SHAPES:
+    for shape in args.pair_shapes:
         kinds = [(f"DPOModule, {ref} reference, {layout}", f"dpo_{ref}:{layout}") for ref in ("live", "precomputed") for layout in PAIR_LAYOUTS]
         rows += _layout_rows("dpo", shape, kinds, args)
     return rows
@@ -371,7 +384,7 @@ def bench_dpo(args) -> list[dict[str, Any]]:
 def bench_rm(args) -> list[dict[str, Any]]:
     """RewardModelModule in every layout against the bare padded RM fwd+bwd over 2B sequences + AdamW."""
     rows = []
-    for shape in PAIR_SHAPES:
+    for shape in args.pair_shapes:
         rows += _layout_rows("rm", shape, [(f"RewardModelModule, {layout}", f"rm:{layout}") for layout in PAIR_LAYOUTS], args)
     return rows
 
