@@ -319,8 +319,26 @@ class CausalLMWithValueHead(nn.Module):
         return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
 
     def forward(self, input_ids, attention_mask, position_ids=None):
-        hidden = self._hidden(input_ids, attention_mask, position_ids)
-        logits = self.pretrained_model.get_output_embeddings()(hidden)
+        """One forward of the whole causal LM, so the logits are exactly the model's own: any
+        post-processing it applies after the LM head (Gemma-2/3 ``final_logit_softcapping``, Cohere's
+        ``logit_scale``, Granite's ``logits_scaling``, ...) is kept, and the KL to an identical reference
+        is 0. The value head reads the hidden state the LM head receives (captured by a forward pre-hook).
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+        captured: list[torch.Tensor] = []
+
+        def capture(_module, args):
+            captured.append(args[0])
+
+        handle = self.pretrained_model.get_output_embeddings().register_forward_pre_hook(capture)
+        try:
+            logits = self.pretrained_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
+        finally:
+            handle.remove()
+        hidden = captured[-1]
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
         return logits, values.float()
 
