@@ -28,6 +28,7 @@ always set explicitly by the caller: right for training batches, left for genera
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from typing import Any, Mapping, Sequence, Union
@@ -55,6 +56,7 @@ __all__ = [
     "CausalLMWithValueHead",
     "freeze",
     "resolve_dtype",
+    "check_tokenizer_fits_model",
 ]
 
 
@@ -125,6 +127,8 @@ def build_config(spec: Mapping[str, Any], tokenizer=None, **overrides: Any):
             if value is not None:
                 spec.setdefault(name, value)
     spec.update(overrides)
+    if tokenizer is not None and isinstance(spec.get("vocab_size"), int):
+        _check_special_ids(tokenizer, spec["vocab_size"], f"the inline {model_type!r} config")
     return AutoConfig.for_model(model_type, **spec)
 
 
@@ -201,6 +205,7 @@ def load_causal_lm(
         )
     if tokenizer is not None and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_tokenizer_fits_model(model, tokenizer, spec)
     return model
 
 
@@ -235,7 +240,44 @@ def load_reward_model(
         )
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_tokenizer_fits_model(model, tokenizer, spec)
     return model
+
+
+def check_tokenizer_fits_model(model: nn.Module, tokenizer, spec: Any = None) -> None:
+    """Raise a clear ``ValueError`` at load time when a special token id of ``tokenizer`` (pad, EOS, BOS)
+    has no row in the model's input embeddings — otherwise the first padded batch fails with an
+    ``IndexError`` deep inside the embedding lookup. A tokenizer with more tokens than the model has
+    rows (added tokens, no resize) is warned about: only text that uses those tokens would fail."""
+    if tokenizer is None:
+        return
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    _check_special_ids(tokenizer, rows, f"model {spec!s}" if isinstance(spec, (str, os.PathLike)) else "the model")
+
+
+def _check_special_ids(tokenizer, rows: int, where: str) -> None:
+    fix = (
+        "Resize the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it, or use a "
+        "token the model knows as pad (tokenizer.pad_token = tokenizer.eos_token)."
+    )
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int) and value >= rows:
+            token = getattr(tokenizer, name.replace("_id", ""), None)
+            raise ValueError(
+                f"The tokenizer's {name} = {value} ({token!r}) is outside the vocabulary of {where}, which has "
+                f"{rows} embedding rows (ids 0..{rows - 1}). {fix}"
+            )
+    if len(tokenizer) > rows:
+        logging.getLogger(__name__).warning(
+            "The tokenizer has %d tokens but %s has only %d embedding rows: text that tokenizes to ids %d..%d "
+            "will fail inside the embedding lookup. %s", len(tokenizer), where, rows, rows, len(tokenizer) - 1, fix
+        )
 
 
 def _load_soup_spec(spec: Mapping[str, Any], loader, *, tokenizer=None, dtype=None) -> nn.Module:

@@ -240,3 +240,22 @@ def test_value_head_path_keeps_logit_postprocessing_so_kl_to_identical_reference
     kl = kl_penalty(token_logprobs(logits[:, :-1], labels), token_logprobs(ref_logits[:, :-1], labels), kind="k1")
     assert kl.abs().max().item() < 1e-6
     torch.testing.assert_close(values, with_value.values(ids, mask), atol=1e-6, rtol=0)
+
+
+def test_pad_id_outside_the_vocabulary_is_a_clear_error_at_load_time(tokenizer_dir, tiny_config, tmp_path):
+    """A tokenizer whose added pad token has id >= the model's vocabulary size used to pass loading and
+    fail with an IndexError inside the embedding lookup of the first padded batch."""
+    from rlhf_lightning.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = len(tok)
+    tok.add_special_tokens({"pad_token": "<extra_pad>"})
+    assert tok.pad_token_id == vocab
+    with pytest.raises(ValueError, match=rf"pad_token_id = {vocab} \('<extra_pad>'\) is outside the vocabulary .* {vocab} embedding rows"):
+        load_causal_lm({**tiny_config, "vocab_size": vocab}, tokenizer=tok)
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        load_reward_model({**tiny_config, "vocab_size": vocab}, tokenizer=tok)
+    load_causal_lm({**tiny_config, "vocab_size": vocab + 1}, tokenizer=tok)  # a row for it: fine
+    load_causal_lm(tiny_config, tokenizer=load_tokenizer(tokenizer_dir)).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=rf"pad_token_id = {vocab} .* outside the vocabulary of model .*saved"):
+        load_causal_lm(str(tmp_path / "saved"), tokenizer=tok)
