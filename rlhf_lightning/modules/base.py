@@ -5,6 +5,7 @@ thin — methods compose helpers, they do not inherit behaviour from deep chains
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning as L
@@ -40,6 +41,21 @@ class RLHFModuleBase(L.LightningModule):
     def _init_tokenizer(self, tokenizer: str | None, model: ModelSpec, padding_side: str = "right") -> None:
         self.tokenizer_path = resolve_tokenizer_path(tokenizer, model)
         self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side=padding_side)
+
+    def step_precision_context(self) -> contextlib.AbstractContextManager:
+        """The autocast the trainer's precision plugin wraps around every training/validation step
+        (``bf16-mixed``: ``torch.autocast(..., dtype=bfloat16)``); a no-op without a trainer. Values
+        computed outside a step but compared with values computed inside one (precomputed reference
+        log-probs, MODPO margins) must be computed under it, or the two differ by the bf16 rounding."""
+        trainer = self._trainer
+        if trainer is None:
+            return contextlib.nullcontext()
+        return trainer.precision_plugin.forward_context()
+
+    def step_precision_name(self) -> str:
+        """The trainer's precision setting (``"32-true"``, ``"bf16-mixed"``, ...), for cache fingerprints."""
+        trainer = self._trainer
+        return str(getattr(getattr(trainer, "precision_plugin", None), "precision", "32-true")) if trainer is not None else "32-true"
 
     @property
     def policy(self) -> torch.nn.Module:

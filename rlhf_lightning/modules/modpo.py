@@ -227,10 +227,11 @@ class MODPOModule(DPOModule):
         sources = [margin_source_fingerprint(source) for source in self.margin_sources]
         for split, loader in loaders.items():
             fingerprint = combine_fingerprints(
-                kind="modpo-margins", data=dataset_fingerprint(loader.dataset), sources=sources, names=self.margin_names
+                kind="modpo-margins", data=dataset_fingerprint(loader.dataset), sources=sources, names=self.margin_names,
+                precision=self.step_precision_name(),
             )
             values, hit = cached_per_index(
-                loader, self._score_sources, fingerprint=fingerprint, cache_dir=self.cache_dir, name=f"modpo-margins-{split}",
+                loader, self._score_sources_under_step_precision, fingerprint=fingerprint, cache_dir=self.cache_dir, name=f"modpo-margins-{split}",
                 device=device, write=trainer is None or trainer.is_global_zero,
             )
             self._margin_values[split] = values
@@ -238,6 +239,11 @@ class MODPOModule(DPOModule):
             log.info("MODPO margins for %s: %s (%d rows)", split, "cache hit" if hit else "computed", len(values))
         if trainer is not None:
             trainer.strategy.barrier("modpo_margin_cache")
+
+    def _score_sources_under_step_precision(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`_score_sources` under the training step's autocast, so precomputed margins equal live ones."""
+        with self.step_precision_context():
+            return self._score_sources(batch)
 
     @torch.no_grad()
     def _score_sources(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
