@@ -6,6 +6,7 @@ thin — methods compose helpers, they do not inherit behaviour from deep chains
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import lightning as L
@@ -16,7 +17,15 @@ from rlhf_lightning.models import ModelSpec, load_tokenizer
 from rlhf_lightning.modules.optim import Optimization, build_optimizer
 from rlhf_lightning.strategies import apply_fsdp2, export_state_dict
 
-__all__ = ["RLHFModuleBase", "resolve_tokenizer_path"]
+__all__ = ["RLHFModuleBase", "resolve_tokenizer_path", "NonFiniteError", "ON_NONFINITE"]
+
+log = logging.getLogger(__name__)
+
+ON_NONFINITE = ("error", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient was about to reach the weights (``on_nonfinite: error``)."""
 
 
 def resolve_tokenizer_path(tokenizer: str | None, model: ModelSpec) -> str:
@@ -37,6 +46,72 @@ class RLHFModuleBase(L.LightningModule):
 
     tokenizer: Any
     optim: Optimization
+    _on_nonfinite: str = "error"
+    nonfinite_skipped_steps: int = 0
+
+    # ---- non-finite guard: a NaN/inf loss or gradient never reaches the weights silently ----------------
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"error"`` (default): stop with :class:`NonFiniteError` naming the step and the quantity;
+        ``"skip"``: drop that optimizer step (no parameter or optimizer-state update) and warn."""
+        return self._on_nonfinite
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value: str) -> None:
+        if value not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
+        self._on_nonfinite = value
+
+    def _nonfinite_where(self) -> str:
+        trainer = self._trainer
+        if trainer is None:
+            return f"in {type(self).__name__}"
+        return f"at global step {trainer.global_step} (epoch {trainer.current_epoch}) in {type(self).__name__}"
+
+    def _nonfinite(self, quantity: str) -> None:
+        message = f"Non-finite {quantity} {self._nonfinite_where()}"
+        if self.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"{message}: stopping before it reaches the weights. Usual causes: a learning rate far too high, "
+                "a NaN/inf in the data, or overflow in low precision. Set the module's `on_nonfinite: skip` to "
+                "drop such steps instead."
+            )
+        self.nonfinite_skipped_steps += 1
+        log.warning("%s: optimizer step skipped (%d skipped so far, on_nonfinite=skip).", message, self.nonfinite_skipped_steps)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Called before every backward (automatic and manual optimization): the loss must be finite."""
+        self._loss_nonfinite = not bool(torch.isfinite(loss.detach()).all())
+        if self._loss_nonfinite and self.on_nonfinite == "error":
+            self._nonfinite(f"loss ({loss.detach().float().mean().item()})")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Called before every optimizer step: every gradient must be finite (checked with one fused
+        norm per step and agreed across ranks). ``skip`` drops the gradients, so the optimizer leaves
+        the parameters and its own state unchanged."""
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # its engine owns the gradients
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        finite = True
+        if grads:
+            norms = torch._foreach_norm(grads)
+            finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        loss_bad = getattr(self, "_loss_nonfinite", False)
+        self._loss_nonfinite = False
+        finite = self.trainer.strategy.reduce_boolean_decision(finite and not loss_bad, all=True)
+        if finite:
+            return
+        if loss_bad:
+            quantity = "loss"
+        else:
+            names = {id(p): name for name, p in self.named_parameters()}
+            bad = next((names.get(id(p), "?") for p, g in zip(params, grads) if not torch.isfinite(g).all()), "?")
+            quantity = f"gradient (first: {bad})"
+        self._nonfinite(quantity)
+        for p in params:  # skip: the optimizer ignores parameters without a gradient
+            p.grad = None
 
     def _init_tokenizer(self, tokenizer: str | None, model: ModelSpec, padding_side: str = "right") -> None:
         self.tokenizer_path = resolve_tokenizer_path(tokenizer, model)

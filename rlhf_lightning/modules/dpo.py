@@ -64,6 +64,7 @@ class DPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM on preference pairs with DPO (or IPO / hinge / robust DPO).
 
@@ -85,6 +86,8 @@ class DPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged (names as in TRL): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
@@ -95,6 +98,7 @@ class DPOModule(RLHFModuleBase):
         per step for values the logger never sees (:mod:`~rlhf_lightning.modules.metric_window`).
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
         if beta <= 0:

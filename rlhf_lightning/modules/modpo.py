@@ -125,6 +125,7 @@ class MODPOModule(DPOModule):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM on one objective's preference pairs with MODPO, the other objectives
         entering as weighted margins.
@@ -153,6 +154,8 @@ class MODPOModule(DPOModule):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged (``train/`` per step, ``val/`` per validation epoch): DPO's metrics, where
         ``rewards/*`` are the margin-adjusted implicit rewards of ``modpo_loss``, plus
@@ -184,6 +187,7 @@ class MODPOModule(DPOModule):
             optim=optim,
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
+            on_nonfinite=on_nonfinite,
         )
         # DPOModule saved this __init__'s arguments too; store them again without the margin sources
         # (objects holding models: rebuilt from the config, never pickled into checkpoints).

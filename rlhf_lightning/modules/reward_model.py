@@ -90,6 +90,7 @@ class RewardModelModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Train a scalar reward model on preference pairs (Bradley-Terry).
 
@@ -105,6 +106,8 @@ class RewardModelModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged (``train/``, ``train/epoch_`` per epoch, ``val/`` per validation): ``loss``,
         ``accuracy`` (fraction of pairs with r_c > r_r), ``margin`` (mean r_c - r_r), ``reward_mean``,
@@ -113,6 +116,7 @@ class RewardModelModule(RLHFModuleBase):
         the steps since its previous write (:mod:`~rlhf_lightning.modules.metric_window`).
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if center_rewards_coef is not None and center_rewards_coef < 0:
             raise ValueError(f"center_rewards_coef must be >= 0 or None, got {center_rewards_coef}")
         self.save_hyperparameters(ignore=["model"] if not isinstance(model, (str, dict)) else None)
