@@ -54,6 +54,10 @@ class RLHFDataModule(L.LightningDataModule):
         dataset: Any = None,
         val_dataset: Any = None,
         limit_train_records: int | None = None,
+        min_completion_tokens: int = 4,
+        drop_short_completions: bool = False,
+        drop_identical_pairs: bool = False,
+        max_unknown_rate: float = 0.01,
     ):
         """
         Args:
@@ -82,6 +86,12 @@ class RLHFDataModule(L.LightningDataModule):
                 ``datasets.Dataset`` or a list of dicts.
             val_dataset: validation records in memory instead of ``val_file``.
             limit_train_records: keep only the first N training records (after the split) for short runs.
+            min_completion_tokens: records whose completion truncation cuts below this many tokens are
+                counted and warned about (once, with the count).
+            drop_short_completions: drop those records instead.
+            drop_identical_pairs: drop preference pairs whose chosen and rejected tokens are identical
+                (they are always counted and warned about).
+            max_unknown_rate: warn when more than this share of the tokens is the tokenizer's unknown token.
         """
         super().__init__()
         if train_file is not None and dataset is not None:
@@ -96,7 +106,15 @@ class RLHFDataModule(L.LightningDataModule):
             raise ValueError(f"limit_train_records must be positive or None, got {limit_train_records}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be positive or None, got {pad_to_multiple_of}")
-        self.tokenize_config = TokenizeConfig(max_length, max_prompt_length, truncation)  # validates the limits
+        self.tokenize_config = TokenizeConfig(  # validates the limits
+            max_length,
+            max_prompt_length,
+            truncation,
+            min_completion_tokens=min_completion_tokens,
+            drop_short_completions=drop_short_completions,
+            drop_identical_pairs=drop_identical_pairs,
+            max_unknown_rate=max_unknown_rate,
+        )
         self.train_file = train_file
         self.val_file = val_file
         self.val_fraction = val_fraction
