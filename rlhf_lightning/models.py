@@ -74,6 +74,34 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return resolved
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when ``name`` can only be a local path, not a Hub id ``[org/]name``: it starts with ``/``,
+    ``./``, ``../`` or ``~``, has more than one ``/``, or its first component is an existing folder."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", ".."):
+        return True
+    parts = name.replace("\\", "/").split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_local_path(spec: Any, what: str = "model") -> None:
+    """``FileNotFoundError`` "path does not exist" for a string spec that is a local path and is missing
+    (instead of the Hub-id validation error ``from_pretrained`` would give)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return
+    name = os.fspath(spec)
+    if os.path.exists(name) or not looks_like_local_path(name):
+        return
+    raise FileNotFoundError(
+        f"{what} path does not exist: {name} (resolved to {os.path.abspath(os.path.expanduser(name))}). "
+        "Check the path; a model trained by an earlier stage is exported to <run_dir>/hf/final."
+    )
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike,
     *,
@@ -95,6 +123,15 @@ def load_tokenizer(
 
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    check_local_path(name_or_path, "tokenizer")
+    if os.path.isdir(os.fspath(name_or_path)) and not any(
+        os.path.exists(os.path.join(os.fspath(name_or_path), name)) for name in _TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{os.fspath(name_or_path)} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}). Point "
+            "`tokenizer:` (model.init_args.tokenizer, and data.init_args.tokenizer if set) at the folder or Hub name "
+            "of the tokenizer, or save the tokenizer into this folder (tokenizer.save_pretrained(...))."
+        )
     tokenizer = AutoTokenizer.from_pretrained(
         str(name_or_path), trust_remote_code=trust_remote_code, revision=revision
     )
@@ -177,6 +214,7 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         return model
+    check_local_path(spec, "model")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype

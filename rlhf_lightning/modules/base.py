@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from rlhf_lightning.models import ModelSpec, load_tokenizer
+from rlhf_lightning.models import ModelSpec, check_local_path, load_tokenizer
 from rlhf_lightning.modules.optim import Optimization, build_optimizer
 from rlhf_lightning.strategies import apply_fsdp2, export_state_dict
 
@@ -114,6 +114,7 @@ class RLHFModuleBase(L.LightningModule):
             p.grad = None
 
     def _init_tokenizer(self, tokenizer: str | None, model: ModelSpec, padding_side: str = "right") -> None:
+        check_local_path(model, "model")  # before the tokenizer, which defaults to the model's path
         self.tokenizer_path = resolve_tokenizer_path(tokenizer, model)
         self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side=padding_side)
 
@@ -207,7 +208,46 @@ class RLHFModuleBase(L.LightningModule):
             )
         return type(result)(missing, result.unexpected_keys)
 
+    # ---- checkpoints: atomic writes, a checkpoint at SIGTERM, clear errors on resume ------------------
+
+    def configure_callbacks(self):
+        """Every module saves a checkpoint when the run is stopped by SIGTERM and exits with status 143
+        (:class:`~rlhf_lightning.checkpointing.PreemptionCheckpoint`)."""
+        from rlhf_lightning.checkpointing import PreemptionCheckpoint
+
+        return [PreemptionCheckpoint()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlhf_lightning"] = {"module": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming: a checkpoint of another module class is an error; hyperparameters that differ from
+        the checkpoint's are listed at WARNING with the value that is used."""
+        from rlhf_lightning.checkpointing import CheckpointError, describe_hparam_changes
+
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        saved_module = (checkpoint.get("rlhf_lightning") or {}).get("module")
+        this_module = f"{type(self).__module__}.{type(self).__qualname__}"
+        if saved_module is not None and saved_module != this_module:
+            raise CheckpointError(
+                f"Checkpoint {path or ''} was written by {saved_module.rsplit('.', 1)[-1]} ({saved_module}), but this run "
+                f"trains a {type(self).__name__}; resume with the same model class_path, or start a new run "
+                "(load its exported weights with `model: <export folder>`)."
+            )
+        saved = checkpoint.get("hyper_parameters") or {}
+        if saved:
+            changes = describe_hparam_changes(saved, dict(self.hparams))
+            if changes:
+                log.warning(
+                    "Resuming from %s with %d hyperparameter(s) different from the checkpoint's:\n%s",
+                    path or "a checkpoint", len(changes), "\n".join(changes),
+                )
+
     def on_fit_start(self) -> None:
+        from rlhf_lightning.checkpointing import install_atomic_checkpoint_io
+
+        install_atomic_checkpoint_io(self.trainer)
         # transformers 5 returns from_pretrained models in eval mode and Lightning keeps module modes as
         # they are: put the trainable policy in train mode, frozen models stay in eval.
         policy = self.policy
