@@ -9,12 +9,15 @@ Tokenizer resolution, first that applies: an object set with ``set_tokenizer()``
 ``tokenizer`` attribute (every rlhf-lightning module has one), so a YAML config names it only once.
 
 Under DDP every rank tokenizes the same data (deterministically). With ``cache_dir`` set, ``prepare_data``
-(run once per node) writes the cache and the ranks' ``setup`` read it. Lightning swaps in a
-``DistributedSampler`` itself: the DataLoaders here use the default sampler for that reason.
+(run once per node) writes the cache and the ranks' ``setup`` read it. On one process the training order
+is a :class:`~rlhf_lightning.data.sampler.ResumableSampler` keyed by ``(seed, epoch)`` whose position is
+saved in checkpoints (``state_dict``), so a resumed run continues with the very next batch; under DDP
+Lightning swaps in a ``DistributedSampler`` itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, ClassVar
 
@@ -24,9 +27,12 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.collators import DemonstrationCollator, PreferenceCollator, PromptCollator
 from rlhf_lightning.data.records import RecordSource
+from rlhf_lightning.data.sampler import ResumableSampler
 from rlhf_lightning.data.tokenization import TokenizeConfig, TokenizedData, TokenizedDataset, Truncation, load_tokenized
 
 __all__ = ["RLHFDataModule", "DemonstrationDataModule", "PreferenceDataModule", "PromptDataModule"]
+
+log = logging.getLogger(__name__)
 
 
 class RLHFDataModule(L.LightningDataModule):
@@ -135,6 +141,8 @@ class RLHFDataModule(L.LightningDataModule):
         self.val_set: TokenizedDataset | None = None
         self.num_dropped = 0
         self.score_names: list[str] = []
+        self._train_sampler: ResumableSampler | None = None
+        self._resume_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------------------------------ tokenizer
 
@@ -231,21 +239,80 @@ class RLHFDataModule(L.LightningDataModule):
         """The batch collator (a picklable callable, so ``num_workers > 0`` works)."""
         return self.collator_class(pad_token_id=self._pad_token_id(), pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def _loader(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool, sampler: ResumableSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # The loader's own seed comes from this generator, not from the global RNG (which a resumed
+            # process does not share, and which training code may use).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def _distributed(self) -> bool:
+        trainer = self._trainer_or_none()
+        return trainer is not None and trainer.world_size > 1
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def train_dataloader(self) -> DataLoader:
+        """Training batches in the order of :class:`~rlhf_lightning.data.sampler.ResumableSampler` (keyed by
+        ``(seed, epoch)``, resumed at the checkpoint's position). Under data parallelism Lightning's
+        ``DistributedSampler`` (seeded per epoch) orders and shards the data instead."""
         self.load()
         if self.train_set is None:
             raise ValueError(f"{type(self).__name__} has no training data: set train_file or dataset.")
-        return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
+        if self._distributed():
+            self._train_sampler = None
+            return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
+        self._train_sampler = ResumableSampler(len(self.train_set), seed=self._order_seed(), shuffle=self.shuffle)
+        if self._resume_state is not None:
+            self._train_sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
+            self._resume_state = None
+        return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle, sampler=self._train_sampler)
+
+    def _order_seed(self) -> int:
+        """The seed of the training order: this DataModule's ``seed`` combined with the run's global seed
+        (``seed_everything`` / ``seed_everything:`` in YAML), so runs with different seeds see different orders."""
+        return self.seed * 1_000_003 + int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # ------------------------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data order stands: ``(seed, epoch, position)`` — position = the records of
+        this epoch already trained on (Lightning's count of processed batches x ``batch_size``)."""
+        sampler = getattr(self, "_train_sampler", None)
+        trainer = self._trainer_or_none()
+        if sampler is None or trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_sampler": sampler.state(done * self.batch_size) | {"epoch": trainer.current_epoch}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order where the checkpoint left it (applied when the loader is built)."""
+        state = state_dict.get("train_sampler") if state_dict else None
+        if not state:
+            return
+        train_size = len(self.train_set) if self.train_set is not None else state["n"]
+        if state.get("seed") != self._order_seed() or state.get("shuffle") != self.shuffle or state.get("n") != train_size:
+            log.warning(
+                "The checkpoint's data order (seed=%s, shuffle=%s, %s records) differs from this run's (seed=%s, "
+                "shuffle=%s, %s records): the epoch restarts from its first batch in this run's order.",
+                state.get("seed"), state.get("shuffle"), state.get("n"), self._order_seed(), self.shuffle, train_size,
+            )
+            return
+        self._resume_state = {"epoch": int(state["epoch"]), "position": int(state["position"])}
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is not None:
+            sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
 
     def val_dataloader(self) -> DataLoader | list:
         self.load()

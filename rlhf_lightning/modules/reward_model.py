@@ -48,14 +48,19 @@ class PairRewardMetrics(nn.Module):
     ``MeanMetric`` states, so ``compute()`` is synchronised across data-parallel ranks.
 
     The std is ``sqrt(E[r^2] - E[r]^2)`` from two running means (population std over all rewards).
+    ``persistent=True`` keeps the running states in ``state_dict`` (checkpoints), so the epoch statistics
+    of a run resumed mid-epoch cover the whole epoch, as an uninterrupted run's do.
     """
 
-    def __init__(self):
+    def __init__(self, persistent: bool = False):
         super().__init__()
         self.accuracy = MeanMetric()
         self.margin = MeanMetric()
         self.reward = MeanMetric()
         self.reward_sq = MeanMetric()
+        if persistent:
+            for metric in (self.accuracy, self.margin, self.reward, self.reward_sq):
+                metric.persistent(True)
 
     def update(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
         chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
@@ -127,7 +132,7 @@ class RewardModelModule(RLHFModuleBase):
         self.model = load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.train_metrics = PairRewardMetrics()
+        self.train_metrics = PairRewardMetrics(persistent=True)  # mid-epoch resume keeps the epoch's statistics
         self.val_metrics = PairRewardMetrics()
         self._train_window = MetricWindow()
 
