@@ -8,7 +8,7 @@ errors when resuming from the wrong file.
 * :class:`PreemptionCheckpoint` (added by every module through ``configure_callbacks``) saves
   ``<checkpoint dir>/preempted.ckpt`` when Lightning stops on SIGTERM — what a cluster scheduler sends
   before preemption — and makes the process exit with status 143 (128 + SIGTERM) instead of 0, so
-  schedulers and scripts see that the run did not finish. ``--ckpt_path last`` picks it up.
+  schedulers and scripts see that the run did not finish; resume with ``--ckpt_path <that file>``.
 * :func:`check_checkpoint_file` and :func:`describe_hparam_changes` give the messages for a missing,
   empty or unreadable checkpoint, and for a resume whose configuration differs from the checkpoint's.
 """
@@ -95,34 +95,36 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
             ``<default_root_dir>/checkpoints``.
 
     Only SIGTERM triggers it: other exceptions (a bad record, a non-finite loss) leave no checkpoint,
-    so ``--ckpt_path last`` never resumes into the same failure.
+    so resuming never starts from the same failure.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "preempted") -> None:
-        super().__init__(dirpath=dirpath or ".", filename=filename)
+        super().__init__(dirpath=dirpath or "", filename=filename)
         self._explicit_dirpath = dirpath
-        self._trainer: L.Trainer | None = None
+        self._last_path: str | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = trainer
-
-    @property
-    def ckpt_path(self) -> str:
+    def path_for(self, trainer: L.Trainer) -> str:
         folder = self._explicit_dirpath
-        trainer = self._trainer
-        if folder is None and trainer is not None:
+        if folder is None:
             callback = trainer.checkpoint_callback
             folder = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
-        return os.path.join(folder or ".", self.filename + self.FILE_EXTENSION)
+        return os.path.join(folder, self.filename + self.FILE_EXTENSION)
+
+    @property
+    def ckpt_path(self) -> str | None:
+        """The checkpoint this callback wrote in this process (None before a SIGTERM)."""
+        return self._last_path
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        trainer.save_checkpoint(self.ckpt_path)
+        path = self.path_for(trainer)
+        trainer.save_checkpoint(path)
+        self._last_path = path
         exception.code = SIGTERM_EXIT_CODE
         log.warning(
-            "Received SIGTERM at global step %d: saved %s; exiting with status %d. Resume with --ckpt_path %s "
-            "(or --ckpt_path last).", trainer.global_step, self.ckpt_path, SIGTERM_EXIT_CODE, self.ckpt_path,
+            "Received SIGTERM at global step %d: saved %s; exiting with status %d. Resume with --ckpt_path %s.",
+            trainer.global_step, path, SIGTERM_EXIT_CODE, path,
         )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -140,7 +142,7 @@ def check_checkpoint_file(path: str | os.PathLike | None) -> None:
     if path in _KEYWORD_PATHS or "://" in path:
         return
     if not os.path.exists(path):
-        raise CheckpointError(f"Checkpoint file not found: {path} (--ckpt_path); check the path, or use --ckpt_path last.")
+        raise CheckpointError(f"Checkpoint file not found: {path} (--ckpt_path); check the path.")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, ".metadata")):  # not a distributed checkpoint
         raise CheckpointError(f"Checkpoint path {path} is a folder, not a .ckpt file.")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
