@@ -240,7 +240,8 @@ class RLHFDataModule(L.LightningDataModule):
         return self.collator_class(pad_token_id=self._pad_token_id(), pad_to_multiple_of=self.pad_to_multiple_of)
 
     def _loader(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool, sampler: ResumableSampler | None = None) -> DataLoader:
-        return DataLoader(
+        loader_class, extra = (DataLoader, {}) if sampler is None else (ResumableDataLoader, {"state_owner": self})
+        return loader_class(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle if sampler is None else None,
@@ -251,6 +252,7 @@ class RLHFDataModule(L.LightningDataModule):
             # The loader's own seed comes from this generator, not from the global RNG (which a resumed
             # process does not share, and which training code may use).
             generator=torch.Generator().manual_seed(self.seed),
+            **extra,
         )
 
     def _distributed(self) -> bool:
@@ -319,6 +321,23 @@ class RLHFDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []  # Lightning skips validation
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader: Lightning sees it as stateful (``state_dict`` / ``load_state_dict``) and keeps
+    its state with the loop state, so a mid-epoch resume is exact even when the loaders are passed to
+    ``fit`` directly; the state is the owning DataModule's (the position of its resumable order)."""
+
+    def __init__(self, *args: Any, state_owner: "RLHFDataModule | None" = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state_owner = state_owner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state_owner.state_dict() if self.state_owner is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.state_owner is not None:
+            self.state_owner.load_state_dict(state_dict)
 
 
 class DemonstrationDataModule(RLHFDataModule):
