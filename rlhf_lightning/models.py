@@ -81,11 +81,10 @@ _TOKENIZER_FILES = (
 
 def looks_like_local_path(name: str) -> bool:
     """True when ``name`` can only be a local path, not a Hub id ``[org/]name``: it starts with ``/``,
-    ``./``, ``../`` or ``~``, has more than one ``/``, or its first component is an existing folder."""
+    ``./``, ``../`` or ``~``, or has more than one ``/``."""
     if name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", ".."):
         return True
-    parts = name.replace("\\", "/").split("/")
-    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+    return len(name.replace("\\", "/").split("/")) > 2
 
 
 def check_local_path(spec: Any, what: str = "model") -> None:
@@ -132,9 +131,11 @@ def load_tokenizer(
             "`tokenizer:` (model.init_args.tokenizer, and data.init_args.tokenizer if set) at the folder or Hub name "
             "of the tokenizer, or save the tokenizer into this folder (tokenizer.save_pretrained(...))."
         )
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(name_or_path), trust_remote_code=trust_remote_code, revision=revision
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as error:
+        raise_if_missing_local_folder(str(name_or_path), error, "tokenizer")
+        raise
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -219,7 +220,22 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     kwargs.update(config_overrides)
-    return auto_class.from_pretrained(str(spec), **kwargs)
+    try:
+        return auto_class.from_pretrained(str(spec), **kwargs)
+    except (OSError, ValueError) as error:
+        raise_if_missing_local_folder(str(spec), error, "model")
+        raise
+
+
+def raise_if_missing_local_folder(name: str, error: BaseException, what: str) -> None:
+    """``outputs/sft`` is a valid Hub id too: when loading it failed and its first part is a local folder,
+    raise ``FileNotFoundError`` saying which path is missing (instead of the Hub error)."""
+    first = name.replace("\\", "/").split("/")[0]
+    if not os.path.exists(name) and "/" in name and os.path.isdir(first):
+        raise FileNotFoundError(
+            f"{what} path does not exist: {name} (the folder {first}/ exists but has no {name[len(first) + 1:]}; "
+            f"loading it as a Hub id failed too: {type(error).__name__})"
+        ) from error
 
 
 def load_causal_lm(

@@ -116,7 +116,12 @@ class RLHFModuleBase(L.LightningModule):
     def _init_tokenizer(self, tokenizer: str | None, model: ModelSpec, padding_side: str = "right") -> None:
         check_local_path(model, "model")  # before the tokenizer, which defaults to the model's path
         self.tokenizer_path = resolve_tokenizer_path(tokenizer, model)
-        self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side=padding_side)
+        try:
+            self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side=padding_side)
+        except FileNotFoundError as error:
+            if tokenizer is None and str(error).startswith("tokenizer path does not exist"):  # it follows the model
+                raise FileNotFoundError("model" + str(error)[len("tokenizer"):]) from error
+            raise
 
     def step_precision_context(self) -> contextlib.AbstractContextManager:
         """The autocast the trainer's precision plugin wraps around every training/validation step
