@@ -82,8 +82,10 @@ class RLHFModuleBase(L.LightningModule):
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """Called before every backward (automatic and manual optimization): the loss must be finite."""
-        self._loss_nonfinite = not bool(torch.isfinite(loss.detach()).all())
-        if self._loss_nonfinite and self.on_nonfinite == "error":
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        # OR over the micro-batches of one optimizer step (gradient accumulation); reset at the step.
+        self._loss_nonfinite = getattr(self, "_loss_nonfinite", False) or bad
+        if bad and self.on_nonfinite == "error":
             self._nonfinite(f"loss ({loss.detach().float().mean().item()})")
 
     def on_before_optimizer_step(self, optimizer) -> None:
