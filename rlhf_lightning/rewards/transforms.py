@@ -67,9 +67,10 @@ class RewardTransform(nn.Module):
             (truncated by ``max_new_tokens``); applied after normalisation.
         missing_eos_score: instead of a penalty, *replace* such scores with this value.
         eps: added to the std before dividing.
-        warmup: number of scores the running statistics must hold before they are used; until then
-            scores pass through un-normalised (``whiten`` still subtracts the running mean). One
-            rollout is a poor estimate of the spread: a first batch of equal scores has std 0.
+        warmup: until the running statistics hold this many scores, the std used is at least 1, so
+            normalisation may shrink rewards but never amplify them: one rollout is a poor estimate
+            of the spread (a first batch of equal scores has std 0). Scores whose spread is >= 1
+            are normalised exactly as without warm-up.
         min_std: floor on the running std used for dividing, so a spread that collapses (every
             completion scored the same) never multiplies rewards by ``1 / eps``. Default 1e-2 (at
             most a 100x magnification); set it near the smallest score spread that is meaningful.
@@ -115,10 +116,10 @@ class RewardTransform(nn.Module):
         if self.normalize != "none":
             if self.training if update is None else update:
                 self.moments.update(scores)
-            if self.moments.count < max(self.warmup, 1):
-                std = torch.ones((), device=scores.device)  # warm-up: too few scores to trust the spread
-            else:
-                std = self.moments.std.to(scores.device, torch.float32).clamp(min=self.min_std) + self.eps
+            std = self.moments.std.to(scores.device, torch.float32)
+            # Warm-up: a spread estimated from few scores may shrink rewards but never amplify them.
+            floor = 1.0 if self.moments.count < self.warmup else self.min_std
+            std = std.clamp(min=floor) + self.eps
             if self.normalize == "whiten":
                 scores = (scores - self.moments.mean.to(scores.device, torch.float32)) / std
             else:

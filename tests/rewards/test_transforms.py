@@ -62,12 +62,14 @@ def test_clip_and_missing_eos_options():
 
 def test_first_rollout_of_equal_scores_is_not_blown_up():
     """A first rollout whose 32 scores are all 0.5 has std 0: dividing by std + 1e-8 gave 5e7 per reward.
-    Warm-up passes them through (0.5) until 64 scores are in; after it, the std floor (1e-2) caps the
-    magnification at 100x even when the spread collapses."""
+    Until 64 scores are in, the std used is at least 1 (0.5 stays 0.5; a wide spread is still divided);
+    after it, the std floor (1e-2) caps the magnification at 100x even when the spread collapses."""
     scores = torch.full((32,), 0.5)
     transform = RewardTransform(normalize="scale")
     torch.testing.assert_close(transform(scores), scores)
     torch.testing.assert_close(transform(scores), scores / 1e-2)  # 64 scores, std 0 -> floored at 1e-2
+    wide = RewardTransform(normalize="scale")
+    torch.testing.assert_close(wide(torch.tensor([-4.0, 4.0])), torch.tensor([-1.0, 1.0]))  # std 4 > 1: divided
     no_warmup = RewardTransform(normalize="whiten", warmup=0)
     assert no_warmup(scores).abs().max() == 0.0  # centred first, so equal scores give 0, not NaN
     spread = RewardTransform(normalize="scale", warmup=4)
