@@ -82,7 +82,8 @@ class RLHFLightningCLI(LightningCLI):
         before = self.config[subcommand].get("model")
         before_class = _get(before, "class_path")
         try:
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            # mmap: only the hyperparameters are read here, not every weight (Lightning loads it again).
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
         except Exception as error:  # truncated / not a checkpoint
             raise CheckpointError(f"Checkpoint file {ckpt_path} cannot be read ({type(error).__name__}: {error}).") from None
         saved_class = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
@@ -94,11 +95,9 @@ class RLHFLightningCLI(LightningCLI):
         before_args = _plain(_get(before, "init_args")) or {}
         super()._parse_ckpt_path()
         after = self.config[subcommand].get("model")
-        after_args = _plain(_get(after, "init_args")) or {}
         explicit = _explicit_model_args(self._cli_args)
         for key in explicit:  # explicit command-line settings win over the checkpoint's
             if key in before_args:
-                after_args[key] = before_args[key]
                 after["init_args"][key] = before["init_args"][key]
         lines = describe_config_changes(_strip_private(checkpoint.get("hyper_parameters") or {}), before_args, explicit)
         if lines:
