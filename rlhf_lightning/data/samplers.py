@@ -14,15 +14,16 @@ padding is already gone and grouping brings little; it is for the padded path.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-from torch.utils.data import Sampler
+
+from rlhf_lightning.data.sampler import ResumableSampler
 
 __all__ = ["LengthGroupedSampler", "example_lengths"]
 
 
-class LengthGroupedSampler(Sampler[int]):
+class LengthGroupedSampler(ResumableSampler):
     def __init__(self, lengths: Sequence[int], batch_size: int, *, window_batches: int = 50, seed: int = 0):
         """Indices in an order where consecutive ``batch_size`` runs have similar lengths.
 
@@ -31,26 +32,22 @@ class LengthGroupedSampler(Sampler[int]):
             batch_size: the DataLoader's batch size (batches are cut at multiples of it).
             window_batches: batches per sorting window; larger groups tighter, smaller keeps more
                 randomness (50, as Hugging Face's ``mega batch``).
-            seed: base seed; epoch ``e`` draws from ``seed + e`` (set by Lightning through ``set_epoch``).
+            seed: the order is a function of ``(seed, epoch)`` only (Lightning sets the epoch through
+                ``set_epoch``), so a resumed run continues it exactly (:class:`ResumableSampler`).
         """
         if batch_size < 1 or window_batches < 1:
             raise ValueError(f"batch_size and window_batches must be >= 1, got {batch_size} and {window_batches}")
+        super().__init__(len(lengths), seed=seed, shuffle=True)
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.window_batches = window_batches
-        self.seed = seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of each epoch: a new shuffle per epoch."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+    def epoch_order(self) -> list[int]:
+        return [i for batch in self.batches() for i in batch]
 
     def batches(self) -> list[list[int]]:
         """This epoch's batches of indices (the last one may be short and stays last)."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         window = self.batch_size * self.window_batches
         batches: list[list[int]] = []
@@ -64,10 +61,6 @@ class LengthGroupedSampler(Sampler[int]):
         longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
         batches.insert(0, batches.pop(longest))
         return batches + tail
-
-    def __iter__(self) -> Iterator[int]:
-        for batch in self.batches():
-            yield from batch
 
 
 def example_lengths(features: Sequence[dict]) -> list[int]:

@@ -38,6 +38,7 @@ class SFTModule(RLHFModuleBase):
         gradient_checkpointing: bool = False,
         padding_free: bool = True,
         max_row_tokens: int | None = None,
+        on_nonfinite: str = "error",
     ):
         """Supervised fine-tuning of a causal LM on prompt/completion demonstrations.
 
@@ -53,8 +54,11 @@ class SFTModule(RLHFModuleBase):
                 restart per sequence, attention stays within it): the same loss, fewer tokens computed.
                 Models whose attention implementation cannot take packed rows run padded.
             max_row_tokens: token budget of a packed row; ``None`` = the batch's longest sequence.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         self.save_hyperparameters(ignore=["model"] if not isinstance(model, (str, dict)) else None)
         self.optim = optim or Optimization()
         self.completion_only_loss = completion_only_loss

@@ -30,6 +30,8 @@ def test_permutation_grouped_longest_first_and_reshuffled_per_epoch():
     assert list(sampler) != order
     sampler.set_epoch(0)
     assert list(sampler) == order  # deterministic per (seed, epoch)
+    sampler.resume_at(0, 16)  # as the resumable default order: continue after the records trained on
+    assert list(sampler) == order[16:] and list(sampler) == order
 
 
 def test_datamodule_option_groups_training_batches(tokenizer_dir, assets_dir):

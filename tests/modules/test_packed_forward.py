@@ -25,6 +25,11 @@ from tests.modules.test_reward_model import pairs_datamodule, tiny_trainer
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 PACKED = ("padding_free", "shared_prompt")
+# Adam divides by sqrt(v) + eps: with eps = 1e-8 a parameter whose gradient is ~1e-9 (rounding noise
+# around zero, e.g. a token's embedding seen only where it barely matters) takes a full lr-sized step in
+# whichever direction the noise points, so trained weights would compare rounding noise, not the
+# layouts. eps = 1e-4 keeps real gradients' steps (|g| >> 1e-4) and damps the noise's.
+EXACT_OPTIM = dict(lr=1e-3, eps=1e-4)
 # Longer pairs than PAIRS, several per row at a larger budget, prompts of different lengths.
 MORE_PAIRS = PAIRS + [
     ("the acting and the music were", "fun fun fun", "slow"),
@@ -146,7 +151,7 @@ def test_dpo_losses_and_trained_weights_equal_padded(precompute, tmp_path, token
     for layout in ("padded", "padding_free", "shared_prompt"):
         module = make_module(
             tiny_config, tokenizer_dir, precompute_reference=precompute,
-            padding_free=layout != "padded", shared_prompt=layout == "shared_prompt",
+            padding_free=layout != "padded", shared_prompt=layout == "shared_prompt", optim=Optimization(**EXACT_OPTIM),
         )
         assert module.pair_layout == layout
         recorder = RecordLosses()
@@ -173,10 +178,10 @@ def test_reward_model_and_sft_trained_weights_equal_padded(tmp_path, tokenizer_d
         for padding_free in (False, True):
             L.seed_everything(0)
             if kind == "rm":
-                module = RewardModelModule(tiny_config, tokenizer_dir, padding_free=padding_free, optim=Optimization(lr=1e-3))
+                module = RewardModelModule(tiny_config, tokenizer_dir, padding_free=padding_free, optim=Optimization(**EXACT_OPTIM))
                 data = pairs_datamodule(tokenizer_dir, assets_dir)
             else:
-                module = SFTModule(tiny_config, tokenizer_dir, padding_free=padding_free, optim=Optimization(lr=1e-3))
+                module = SFTModule(tiny_config, tokenizer_dir, padding_free=padding_free, optim=Optimization(**EXACT_OPTIM))
                 data = DemonstrationDataModule(train_file=os.path.join(assets_dir, "sft_tiny.jsonl"), tokenizer=tokenizer_dir, batch_size=4)
             trainer = tiny_trainer(tmp_path / f"{kind}{padding_free}", max_steps=3, limit_val_batches=0)
             trainer.fit(module, datamodule=data)
