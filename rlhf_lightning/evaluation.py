@@ -36,6 +36,7 @@ __all__ = [
     "best_of_n_expectation",
     "BestOfNResult",
     "best_of_n",
+    "best_of_n_rows",
 ]
 
 Scorer = Callable[[str, str], float]
@@ -334,15 +335,25 @@ def best_of_n(
     metrics += ["length"]
     num_prompts = len(prompts)
     grids = {m: torch.tensor([s[m] for s in result.samples], dtype=torch.float64).view(num_prompts, num_samples) for m in metrics}
+    selection = {name: grids[f"score/{name}"] for name in selectors}
+    return BestOfNResult(rows=best_of_n_rows(selection, grids, ns), samples=result.samples, scores=selection)
+
+
+def best_of_n_rows(selection: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], ns: Sequence[int]
+                   ) -> list[dict[str, Any]]:
+    """The rows of :class:`BestOfNResult` from score grids: for every selector (``{name: (P, N)}`` scores to
+    rank by) and every ``n``, the analytic KL and the mean over prompts (and its standard error) of every
+    ``values`` grid (``{metric: (P, N)}``) at the picked completion. Lets a study rank the same draws by
+    scores it combines afterwards (e.g. ensembles of reward models scored once) without sampling again."""
     rows: list[dict[str, Any]] = []
-    for name in selectors:
-        selection = grids[f"score/{name}"]
+    for name, grid in selection.items():
         for n in ns:
             kl = best_of_n_kl(n)
             row: dict[str, Any] = {"selector": name, "n": n, "kl_bon": kl, "sqrt_kl": math.sqrt(kl)}
-            for metric in metrics:
-                per_prompt = best_of_n_expectation(selection, grids[metric], n)  # (P,)
+            for metric, value_grid in values.items():
+                per_prompt = best_of_n_expectation(grid, value_grid, n)  # (P,)
+                num_prompts = per_prompt.numel()
                 row[metric] = float(per_prompt.mean())
                 row[f"{metric}_se"] = float(per_prompt.std(unbiased=True) / math.sqrt(num_prompts)) if num_prompts > 1 else math.nan
             rows.append(row)
-    return BestOfNResult(rows=rows, samples=result.samples, scores={name: grids[f"score/{name}"] for name in selectors})
+    return rows
