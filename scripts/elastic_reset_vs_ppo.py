@@ -123,7 +123,12 @@ def plot(curves: dict[str, list[list[dict]]], path: str, objective: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    with_proxy = any("proxy" in rows[0] for runs in curves.values() for rows in runs)
+    fig, axes = plt.subplots(1, 4 if with_proxy else 3, figsize=(16 if with_proxy else 12, 3.6))
+    if with_proxy:  # the score the runs optimise (a learned proxy), next to gold
+        plot_mean_and_seeds(axes[3], curves, "proxy")
+        axes[3].set(xlabel="rollouts", ylabel="proxy reward model score", title="Proxy (what PPO optimises)")
+        axes[3].legend(fontsize=8)
     plot_mean_and_seeds(axes[0], curves, "gold")
     plot_mean_and_seeds(axes[1], curves, "kl_to_reference")
     for i, runs in enumerate(curves.values()):

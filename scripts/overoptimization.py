@@ -39,9 +39,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +48,7 @@ import torch  # noqa: E402
 from gold_curves import GoldCurve, fit_config, read_prompts, read_runs, write_csv  # noqa: E402
 
 from rlhf_lightning.callbacks import AdaptiveKLController  # noqa: E402
-from rlhf_lightning.evaluation import best_of_n, best_of_n_rows  # noqa: E402
+from rlhf_lightning.evaluation import best_of_n, best_of_n_expectation, best_of_n_rows  # noqa: E402
 from rlhf_lightning.pipeline import QUICK_WORLD, fit_stage, materialize_config, run_stage, stage_export_dir  # noqa: E402
 from rlhf_lightning.rewards import (  # noqa: E402
     EnsembleRewardSource, FunctionRewardSource, RewardModelSource, aggregate_ensemble,
@@ -67,8 +66,7 @@ SIZES = {
 }
 
 
-@dataclass(frozen=True)
-class Proxy:
+class Proxy(NamedTuple):
     """One proxy reward model: trained on the first ``pairs`` training pairs, at ``size``, with ``seed``."""
 
     name: str
@@ -111,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rm-epochs", type=float, default=4.0, help="passes over its pairs per proxy")
     parser.add_argument("--min-rm-steps", type=int, default=None, help="at least this many steps (default 80)")
     parser.add_argument("--uwo-lambda", type=float, default=1.0, help="lambda of UWO (members standardised)")
-    parser.add_argument("--bon-prompts", type=int, default=None, help="held-out prompts for best-of-n (default 64)")
+    parser.add_argument("--bon-prompts", type=int, default=None,
+                        help="prompts for best-of-n (default 192): the evaluation prompts, then training prompts")
     parser.add_argument("--bon-samples", type=int, default=None, help="draws per prompt, the largest n (default 256)")
     parser.add_argument("--ppo-objectives", nargs="*", default=None,
                         help="proxy names and/or ens_mean / ens_wco / ens_uwo to run PPO against "
@@ -126,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"CI smoke settings: {QUICK}")
     args = parser.parse_args(argv)
     defaults = dict(proxies=["250:s:0", "1000:s:0", "4000:s:0", "1000:xs:0", "1000:m:0"],
-                    ensemble=[f"1000:s:{seed}" for seed in range(4)], bon_prompts=64, bon_samples=256,
+                    ensemble=[f"1000:s:{seed}" for seed in range(4)], bon_prompts=192, bon_samples=256,
                     ppo_objectives=["n250_s_seed0", "n1000_s_seed0", *ENSEMBLE_AGGREGATIONS], ppo_steps=150,
                     min_rm_steps=80, eval_prompts=64)
     for key, value in defaults.items():
@@ -238,7 +237,10 @@ def run_bon(args, world: Path, sft: Path, sources: dict, run_dir: Path) -> dict[
 
     tokenizer = load_tokenizer(str(sft), padding_side="left")
     policy = load_causal_lm(str(sft), tokenizer=tokenizer)
+    # Held-out prompts first; when more are asked for, the training prompts (never seen in SFT; best-of-n
+    # trains nothing) fill up the rest.
     prompts = read_prompts(str(world / "prompts_eval.jsonl"), args.bon_prompts)
+    prompts += read_prompts(str(world / "prompts_train.jsonl"), args.bon_prompts - len(prompts))
     started = time.perf_counter()
     result = best_of_n(policy, tokenizer, prompts, selectors=sources, scorers=[OBJECTIVE], num_samples=args.bon_samples,
                        ns=[1], max_new_tokens=args.max_new_tokens, batch_size=max(1, 1024 // args.bon_samples),
@@ -253,9 +255,10 @@ def run_bon(args, world: Path, sft: Path, sources: dict, run_dir: Path) -> dict[
     return grids
 
 
-def bon_rows(grids: dict[str, torch.Tensor], args) -> tuple[list[dict], dict]:
-    """Best-of-n rows for every proxy, every ensemble objective and the gold scorer itself (the ceiling), and
-    the members' standardisation (reused by PPO's ensemble rewards)."""
+def bon_rows(grids: dict[str, torch.Tensor], args) -> tuple[list[dict], list[dict], dict]:
+    """Best-of-n rows for every proxy, every ensemble objective and the gold scorer itself (the ceiling); per
+    selector, the gold peak over n and the paired drop from it to the largest n; the members' standardisation
+    (reused by PPO's ensemble rewards)."""
     P, N = grids["gold"].shape
     ns = [n for n in (2**k for k in range(20)) if n <= N]
     selection = {p.name: grids[p.name] for p in args.proxy_list}
@@ -268,16 +271,22 @@ def bon_rows(grids: dict[str, torch.Tensor], args) -> tuple[list[dict], dict]:
             flat = aggregate_ensemble(stacked.view(len(members), -1), aggregation, uncertainty_coef=args.uwo_lambda)
             selection[name] = flat.view(P, N)
     selection["gold"] = grids["gold"]
-    rows = []
+    rows, peaks = [], []
     for name, grid in selection.items():
-        # The proxy in gold units: least-squares slope of gold on this selector over all SFT draws.
-        x, y = grid.flatten(), grids["gold"].flatten()
-        slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        # The proxy in gold standard deviations: one proxy SD over the SFT draws counts as one gold SD.
+        scale = float(grids["gold"].std() / grid.std())
         for row in best_of_n_rows({name: grid}, {"gold": grids["gold"], "proxy": grid, "length": grids["length"]}, ns):
-            row["proxy_slope"] = slope
-            row["proxy_in_gold_units"] = slope * row["proxy"]
+            row["proxy_scale"] = scale
+            row["proxy_in_gold_sd"] = scale * row["proxy"]
             rows.append(row)
-    return rows, standard
+        # Does gold fall after its peak? Paired over prompts: E[gold | best of n_peak] - E[gold | best of N].
+        per_prompt = torch.stack([best_of_n_expectation(grid, grids["gold"], n) for n in ns])  # (len(ns), P)
+        peak = int(per_prompt.mean(dim=1).argmax())
+        drop = per_prompt[peak] - per_prompt[-1]
+        peaks.append({"selector": name, "n_peak": ns[peak], "gold_peak": float(per_prompt[peak].mean()),
+                      "gold_at_max_n": float(per_prompt[-1].mean()), "drop": float(drop.mean()),
+                      "drop_se": float(drop.std() / math.sqrt(P)) if P > 1 else math.nan})
+    return rows, peaks, standard
 
 
 # ---- stage 4: PPO against each objective -------------------------------------------------------------
@@ -375,9 +384,9 @@ def fit_rows(bon_rows: list[dict], ppo_rows: list[dict]) -> list[dict]:
     return fits
 
 
-def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], slopes: dict[str, float], path: Path,
+def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], scales: dict[str, float], path: Path,
          proxies: list[Proxy]) -> None:
-    """Gold (solid) and proxy in gold units (dashed) vs sqrt(KL); fits dotted. Rows: best-of-n, PPO; columns:
+    """Gold (solid) and proxy in gold standard deviations (dashed) vs sqrt(KL); fits dotted. Rows: best-of-n, PPO; columns:
     proxies by data amount, proxies by size, ensemble objectives."""
     import matplotlib
 
@@ -403,7 +412,7 @@ def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], slopes: d
                 rows.sort(key=lambda r: r["n"] if method == "best-of-n" else r["step"])
                 d = [r["sqrt_kl"] if method == "best-of-n" else math.sqrt(max(r["kl_to_reference"], 0.0)) for r in rows]
                 gold = [r["gold"] - rows[0]["gold"] for r in rows]
-                proxy = [slopes.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows]
+                proxy = [scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows]
                 colour = f"C{i}"
                 axis.plot(d, gold, "-o", color=colour, markersize=3, label=f"{name} gold")
                 axis.plot(d, proxy, "--", color=colour, alpha=0.7, label=f"{name} proxy")
@@ -419,13 +428,15 @@ def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], slopes: d
             axis.grid(alpha=0.3)
             if axis.lines:
                 axis.legend(fontsize=6, ncol=2)
-    figure.suptitle("Gold (solid) vs proxy in gold units (dashed); Gao et al. fits dotted", fontsize=10)
+    figure.suptitle("Gain over the start: gold (solid), proxy scaled to gold's SD on the SFT draws (dashed); "
+                    "Gao et al.'s fits to gold (dotted)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def summarize(proxy_rows: list[dict], bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], args) -> str:
+def summarize(proxy_rows: list[dict], bon_rows: list[dict], peaks: list[dict], ppo_rows: list[dict], fits: list[dict],
+              args) -> str:
     lines = ["## Proxies", "", "| proxy | pairs | size | seed | parameters | held-out accuracy vs gold |", "|---|---|---|---|---|---|"]
     for r in proxy_rows:
         lines.append(f"| {r['proxy']} | {r['pairs']} | {r['size']} | {r['seed']} | {r['parameters']} | {r['val_accuracy']:.3f} |")
@@ -438,15 +449,21 @@ def summarize(proxy_rows: list[dict], bon_rows: list[dict], ppo_rows: list[dict]
                      f"| {f['gold_end']:+.3f} ({f['d_end']:.2f}) |")
     if bon_rows:
         ns = sorted({r["n"] for r in bon_rows})
-        lines += ["", "## Best-of-n: gold (proxy in gold units) by n", "",
+        lines += ["", "## Best-of-n: gold (proxy gain in gold SDs, added to gold at n=1) by n", "",
                   "| objective | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
         for name in dict.fromkeys(r["selector"] for r in bon_rows):
             rows = {r["n"]: r for r in bon_rows if r["selector"] == name}
             lines.append(f"| {name} | " + " | ".join(
-                f"{rows[n]['gold']:+.3f} ({rows[n]['proxy_in_gold_units'] - rows[1]['proxy_in_gold_units'] + rows[1]['gold']:+.3f})"
+                f"{rows[n]['gold']:+.3f} ({rows[n]['proxy_in_gold_sd'] - rows[1]['proxy_in_gold_sd'] + rows[1]['gold']:+.3f})"
                 for n in ns) + " |")
         se = max(r["gold_se"] for r in bon_rows)
         lines += ["", f"Standard error of a gold entry over the {args.bon_prompts} prompts: at most {se:.3f}."]
+    if peaks:
+        lines += ["", "## Best-of-n: does gold fall after its peak? (paired over prompts)", "",
+                  "| objective | n at gold's peak | gold at peak | gold at largest n | drop | s.e. of drop |", "|---|---|---|---|---|---|"]
+        for r in peaks:
+            lines.append(f"| {r['selector']} | {r['n_peak']} | {r['gold_peak']:+.3f} | {r['gold_at_max_n']:+.3f} | "
+                         f"{r['drop']:+.3f} | {r['drop_se']:.3f} |")
     if ppo_rows:
         lines += ["", "## PPO: gold / proxy (raw) / KL by rollout", ""]
         steps = sorted({r["step"] for r in ppo_rows})
@@ -479,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         grids = None
     if grids is not None:  # every n and every ensemble objective from the one set of draws
-        rows, standard = bon_rows(grids, args)
+        rows, peaks, standard = bon_rows(grids, args)
         write_csv(str(run_dir / "bon.csv"), rows, first=["selector", "n", "kl_bon", "sqrt_kl", "gold", "proxy"])
+        write_csv(str(run_dir / "bon_peaks.csv"), peaks)
         standard_file.write_text(json.dumps(standard, indent=1))
     if "ppo" in args.stages and args.ppo_objectives and args.ppo_steps > 0:
         if not standard_file.exists():
@@ -497,9 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         ppo = read_runs(ppo_dirs, "curves.csv") if ppo_dirs else []
         fits = fit_rows(bon, ppo)
         write_csv(str(run_dir / "fits.csv"), fits, first=["method", "objective", "alpha", "beta", "r2"])
-        slopes = {r["selector"]: r["proxy_slope"] for r in bon}
-        plot(bon, ppo, fits, slopes, run_dir / "overoptimization.png", args.proxy_list)
-        summary = summarize(proxy_rows, bon, ppo, fits, args)
+        scales = {r["selector"]: r["proxy_scale"] for r in bon}
+        plot(bon, ppo, fits, scales, run_dir / "overoptimization.png", args.proxy_list)
+        peaks = read_runs([str(run_dir)], "bon_peaks.csv") if (run_dir / "bon_peaks.csv").exists() else []
+        summary = summarize(proxy_rows, bon, peaks, ppo, fits, args)
         (run_dir / "summary.md").write_text(summary)
         print(summary, flush=True)
         print(f"[overopt] wrote bon.csv, fits.csv, proxies.csv, overoptimization.png, summary.md to {run_dir}", flush=True)

@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="MODPO pairs per step (default: the config's)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per evaluation (default 100)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="sampled tokens per completion (default 48)")
+    parser.add_argument("--margin-rm-init", default=None, metavar="DIR",
+                        help="initialise the margin reward model from this causal LM (e.g. the SFT policy) "
+                             "instead of the config's small model trained from scratch")
+    parser.add_argument("--margin-rm-lr", type=float, default=None, help="margin reward model learning rate")
     parser.add_argument("--seed", type=int, default=0, help="training and sampling seed")
     parser.add_argument("--quick", action="store_true", help=f"short settings for smoke runs / CPU: {QUICK}")
     parser.add_argument("--force", action="store_true", help="retrain the MODPO stages even when their exports exist")
@@ -115,6 +119,10 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                     *data_overrides(world, MARGIN)]
     if args.rm_steps:
         rm_overrides += [f"--trainer.max_steps={args.rm_steps}", f"--trainer.val_check_interval={args.rm_steps}"]
+    if args.margin_rm_init:
+        rm_overrides.append(f"--model.init_args.model={args.margin_rm_init}")
+    if args.margin_rm_lr:
+        rm_overrides.append(f"--model.init_args.optim.lr={args.margin_rm_lr}")
     timed_fit_stage(materialize_config("modpo_margin_rm.yaml", run_dir), run_dir / "modpo_margin_rm", rm_overrides)
     print(f"[pareto] margin RM ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
