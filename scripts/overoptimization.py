@@ -21,7 +21,8 @@ Stages (each reuses what an earlier run left in ``--run-dir``):
    proxy it optimises, and by its Monte-Carlo KL to the SFT policy (``scripts/gold_curves.py``).
 5. ``report``: Gao's functional forms fitted by least squares to the gold gain over the start (d = sqrt(KL)):
    best-of-n ``d (alpha - beta d)``, RL ``d (alpha - beta log d)``; ``bon.csv``, ``ppo.csv``, ``fits.csv``,
-   ``proxies.csv``, ``overoptimization.png`` (gold and proxy vs sqrt(KL) per proxy and per ensemble objective)
+   ``bon_peaks.csv`` (gold's peak over n and the paired drop after it), ``proxies.csv``, ``overoptimization.png``,
+   ``ppo_vs_rollouts.png`` (gold and proxy vs sqrt(KL) per proxy and per ensemble objective)
    and ``summary.md``.
 
 The proxy is drawn in gold units: its gain times the least-squares slope of gold on that proxy over the SFT
@@ -277,6 +278,7 @@ def bon_rows(grids: dict[str, torch.Tensor], args) -> tuple[list[dict], list[dic
         scale = float(grids["gold"].std() / grid.std())
         for row in best_of_n_rows({name: grid}, {"gold": grids["gold"], "proxy": grid, "length": grids["length"]}, ns):
             row["proxy_scale"] = scale
+            row["prompts"] = P
             row["proxy_in_gold_sd"] = scale * row["proxy"]
             rows.append(row)
         # Does gold fall after its peak? Paired over prompts: E[gold | best of n_peak] - E[gold | best of N].
@@ -433,6 +435,26 @@ def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], scales: d
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    if not ppo_rows:
+        return
+    # PPO's KL is not monotone in rollouts (it jumps, then wanders): the same runs against rollouts.
+    objectives = list(dict.fromkeys(r["objective"] for r in ppo_rows))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for i, name in enumerate(objectives):
+        rows = sorted((r for r in ppo_rows if r["objective"] == name), key=lambda r: r["step"])
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["gold"] for r in rows], "-o", color=f"C{i}", markersize=3, label=f"{name} gold")
+        axes[0].plot(steps, [rows[0]["gold"] + scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows],
+                     "--", color=f"C{i}", alpha=0.7)
+        axes[1].plot(steps, [r["kl_to_reference"] for r in rows], "-o", color=f"C{i}", markersize=3, label=name)
+    axes[0].set(xlabel="rollouts", ylabel=f"gold {OBJECTIVE}", title="PPO: gold (solid), proxy in gold SDs from the start (dashed)")
+    axes[1].set(xlabel="rollouts", ylabel="KL(policy || SFT) [nats / completion]", title="PPO: drift")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path.with_name("ppo_vs_rollouts.png"), dpi=100)
+    plt.close(figure)
 
 
 def summarize(proxy_rows: list[dict], bon_rows: list[dict], peaks: list[dict], ppo_rows: list[dict], fits: list[dict],
@@ -457,7 +479,7 @@ def summarize(proxy_rows: list[dict], bon_rows: list[dict], peaks: list[dict], p
                 f"{rows[n]['gold']:+.3f} ({rows[n]['proxy_in_gold_sd'] - rows[1]['proxy_in_gold_sd'] + rows[1]['gold']:+.3f})"
                 for n in ns) + " |")
         se = max(r["gold_se"] for r in bon_rows)
-        lines += ["", f"Standard error of a gold entry over the {args.bon_prompts} prompts: at most {se:.3f}."]
+        lines += ["", f"Standard error of a gold entry over the {int(bon_rows[0]['prompts'])} prompts: at most {se:.3f}."]
     if peaks:
         lines += ["", "## Best-of-n: does gold fall after its peak? (paired over prompts)", "",
                   "| objective | n at gold's peak | gold at peak | gold at largest n | drop | s.e. of drop |", "|---|---|---|---|---|---|"]
@@ -513,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         bon = read_runs([str(run_dir)], "bon.csv") if (run_dir / "bon.csv").exists() else []
         ppo_dirs = [str(p) for p in sorted((run_dir / "ppo").glob("*")) if (p / "curves.csv").exists()]
         ppo = read_runs(ppo_dirs, "curves.csv") if ppo_dirs else []
+        if ppo:
+            write_csv(str(run_dir / "ppo.csv"), ppo, first=["objective", "step", "gold", "proxy", "kl_to_reference"])
         fits = fit_rows(bon, ppo)
         write_csv(str(run_dir / "fits.csv"), fits, first=["method", "objective", "alpha", "beta", "r2"])
         scales = {r["selector"]: r["proxy_scale"] for r in bon}
