@@ -428,7 +428,7 @@ def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], scales: d
             axis.set_xlabel("d = sqrt(KL to SFT)  [sqrt nats]")
             axis.set_ylabel(f"gain over start (gold {OBJECTIVE} units)")
             axis.grid(alpha=0.3)
-            if axis.lines:
+            if axis.get_legend_handles_labels()[0]:
                 axis.legend(fontsize=6, ncol=2)
     figure.suptitle("Gain over the start: gold (solid), proxy scaled to gold's SD on the SFT draws (dashed); "
                     "Gao et al.'s fits to gold (dotted)", fontsize=10)

@@ -52,10 +52,16 @@ def test_bad_arguments_are_refused(capsys):
         script.parse_args(["--proxies", "100:xxl:0"])
 
 
+def _number(value):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _read(path):
     with open(path) as handle:
-        return [{k: (float(v) if k not in ("selector", "method", "objective", "proxy", "size", "member", "single") else v)
-                 for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 @pytest.mark.slow
