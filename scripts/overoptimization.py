@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kl-coef", type=float, default=0.01, help="PPO's fixed KL coefficient")
     parser.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0, help="world, SFT, sampling and PPO seed")
+    parser.add_argument("--seed", type=int, default=0, help="world, SFT and best-of-n sampling seed")
+    parser.add_argument("--ppo-seed", type=int, default=0, help="PPO's seed (training and rollouts)")
     parser.add_argument("--quick", action="store_true", help=f"CI smoke settings: {QUICK}")
     args = parser.parse_args(argv)
     defaults = dict(proxies=["250:s:0", "1000:s:0", "4000:s:0", "1000:xs:0", "1000:m:0"],
@@ -262,7 +263,7 @@ def bon_rows(grids: dict[str, torch.Tensor], args) -> tuple[list[dict], list[dic
     (reused by PPO's ensemble rewards)."""
     P, N = grids["gold"].shape
     ns = [n for n in (2**k for k in range(20)) if n <= N]
-    selection = {p.name: grids[p.name] for p in args.proxy_list}
+    selection = {p.name: grids[p.name] for p in dict.fromkeys(args.proxy_list + args.member_list)}  # members too
     members = [p.name for p in args.member_list]
     standard: dict[str, Any] = {}
     if members:
@@ -312,10 +313,10 @@ def run_ppo(objective: str, args, world: Path, sft: Path, sources: dict, standar
     curve = GoldCurve(read_prompts(str(world / "prompts_eval.jsonl"), args.eval_prompts), args.eval_every,
                       weights={OBJECTIVE: 1.0}, max_new_tokens=args.max_new_tokens, scorers={"proxy": reward})
     overrides = [
-        f"--seed_everything={args.seed}", f"--model.init_args.seed={args.seed}", f"--trainer.max_steps={args.ppo_steps}",
+        f"--seed_everything={args.ppo_seed}", f"--model.init_args.seed={args.ppo_seed}", f"--trainer.max_steps={args.ppo_steps}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={out / 'runs' / objective}", f"--model.init_args.policy={sft}",
+        f"--trainer.default_root_dir={out / 'runs' / f'{objective}_seed{args.ppo_seed}'}", f"--model.init_args.policy={sft}",
         f"--model.init_args.tokenizer={world}/tokenizer", "--model.init_args.log_samples_every_n_steps=0",
         # the config's reward model is replaced below (set_reward); point it at a proxy so that it loads
         f"--model.init_args.reward.init_args.model={next(iter(sources.values())).model_dir}",
@@ -333,7 +334,7 @@ def run_ppo(objective: str, args, world: Path, sft: Path, sources: dict, standar
     fit_config(config, overrides, curve, on_module=set_reward,
                edit_callbacks=lambda cbs: [c for c in cbs if not isinstance(c, AdaptiveKLController)])
     print(f"[overopt] PPO against {objective} done in {time.perf_counter() - started:.0f} s", flush=True)
-    return [{"objective": objective, **row} for row in curve.rows]
+    return [{"objective": objective, "seed": args.ppo_seed, **row} for row in curve.rows]
 
 
 # ---- stage 5: Gao's fits, plots and summary -------------------------------------------------------
@@ -375,13 +376,13 @@ def fit_rows(bon_rows: list[dict], ppo_rows: list[dict]) -> list[dict]:
         best = max(rows, key=lambda r: r["gold"])
         fits.append({"method": "best-of-n", "objective": name, **fit, "gold_start": base, "gold_end": rows[-1]["gold"],
                      "gold_best": best["gold"], "d_best": best["sqrt_kl"], "d_end": rows[-1]["sqrt_kl"]})
-    for name in dict.fromkeys(r["objective"] for r in ppo_rows):
-        rows = sorted((r for r in ppo_rows if r["objective"] == name), key=lambda r: r["step"])
+    for run in dict.fromkeys((r["objective"], r["seed"]) for r in ppo_rows):
+        rows = sorted((r for r in ppo_rows if (r["objective"], r["seed"]) == run), key=lambda r: r["step"])
         base = rows[0]["gold"]
         d = [math.sqrt(max(r["kl_to_reference"], 0.0)) for r in rows]
         fit = fit_gao(d, [r["gold"] - base for r in rows], "rl")
         best = max(rows, key=lambda r: r["gold"])
-        fits.append({"method": "ppo", "objective": name, **fit, "gold_start": base, "gold_end": rows[-1]["gold"],
+        fits.append({"method": "ppo", "objective": run[0], "seed": run[1], **fit, "gold_start": base, "gold_end": rows[-1]["gold"],
                      "gold_best": best["gold"], "d_best": math.sqrt(max(best["kl_to_reference"], 0.0)), "d_end": d[-1]})
     return fits
 
@@ -401,28 +402,29 @@ def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], scales: d
     by_size = [p.name for p in sorted(proxies, key=lambda p: order.index(p.size)) if p.pairs == 1000]
     groups = [("proxies by data (size s)", by_data or singles), ("proxies by size (1000 pairs)", by_size),
               ("ensembles and the gold scorer itself", [*ENSEMBLE_AGGREGATIONS, "gold"])]
-    fit_of = {(f["method"], f["objective"]): f for f in fits}
+    fit_of = {(f["method"], f["objective"], f.get("seed", 0)): f for f in fits}
     figure, axes = plt.subplots(2, 3, figsize=(14, 7.5), squeeze=False)
     for col, (title, names) in enumerate(groups):
         for row_index, (method, rows_all) in enumerate((("best-of-n", bon_rows), ("ppo", ppo_rows))):
             axis = axes[row_index][col]
             key = "selector" if method == "best-of-n" else "objective"
             for i, name in enumerate(names):
-                rows = [r for r in rows_all if r[key] == name]
-                if not rows:
-                    continue
-                rows.sort(key=lambda r: r["n"] if method == "best-of-n" else r["step"])
-                d = [r["sqrt_kl"] if method == "best-of-n" else math.sqrt(max(r["kl_to_reference"], 0.0)) for r in rows]
-                gold = [r["gold"] - rows[0]["gold"] for r in rows]
-                proxy = [scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows]
-                colour = f"C{i}"
-                axis.plot(d, gold, "-o", color=colour, markersize=3, label=f"{name} gold")
-                axis.plot(d, proxy, "--", color=colour, alpha=0.7, label=f"{name} proxy")
-                fit = fit_of.get((method, name))
-                if fit is not None and len(d) > 1:
-                    grid = torch.linspace(0, max(d), 50, dtype=torch.float64)
-                    second = grid**2 if method == "best-of-n" else grid * torch.log(grid.clamp(min=1e-12))
-                    axis.plot(grid, fit["alpha"] * grid - fit["beta"] * second, ":", color=colour, alpha=0.8)
+                seeds = sorted({r.get("seed", 0) for r in rows_all if r[key] == name})
+                for j, seed in enumerate(seeds):  # best-of-n: one set of draws; PPO: one line per seed
+                    rows = [r for r in rows_all if r[key] == name and r.get("seed", 0) == seed]
+                    rows.sort(key=lambda r: r["n"] if method == "best-of-n" else r["step"])
+                    d = [r["sqrt_kl"] if method == "best-of-n" else math.sqrt(max(r["kl_to_reference"], 0.0)) for r in rows]
+                    gold = [r["gold"] - rows[0]["gold"] for r in rows]
+                    proxy = [scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows]
+                    colour = f"C{i}"
+                    axis.plot(d, gold, "-o", color=colour, markersize=3, alpha=1.0 if j == 0 else 0.5,
+                              label=f"{name} gold" if j == 0 else None)
+                    axis.plot(d, proxy, "--", color=colour, alpha=0.7 if j == 0 else 0.35, label=f"{name} proxy" if j == 0 else None)
+                    fit = fit_of.get((method, name, seed))
+                    if fit is not None and len(d) > 1:
+                        grid = torch.linspace(0, max(d), 50, dtype=torch.float64)
+                        second = grid**2 if method == "best-of-n" else grid * torch.log(grid.clamp(min=1e-12))
+                        axis.plot(grid, fit["alpha"] * grid - fit["beta"] * second, ":", color=colour, alpha=0.8)
             axis.axhline(0, color="gray", linewidth=0.5)
             axis.set_title(f"{'Best-of-n' if method == 'best-of-n' else 'PPO'}: {title}", fontsize=9)
             axis.set_xlabel("d = sqrt(KL to SFT)  [sqrt nats]")
@@ -441,12 +443,15 @@ def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], scales: d
     objectives = list(dict.fromkeys(r["objective"] for r in ppo_rows))
     figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     for i, name in enumerate(objectives):
-        rows = sorted((r for r in ppo_rows if r["objective"] == name), key=lambda r: r["step"])
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["gold"] for r in rows], "-o", color=f"C{i}", markersize=3, label=f"{name} gold")
-        axes[0].plot(steps, [rows[0]["gold"] + scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows],
-                     "--", color=f"C{i}", alpha=0.7)
-        axes[1].plot(steps, [r["kl_to_reference"] for r in rows], "-o", color=f"C{i}", markersize=3, label=name)
+        for j, seed in enumerate(sorted({r["seed"] for r in ppo_rows if r["objective"] == name})):
+            rows = sorted((r for r in ppo_rows if r["objective"] == name and r["seed"] == seed), key=lambda r: r["step"])
+            steps = [r["step"] for r in rows]
+            label = f"{name} seed {seed}"
+            marker = "-o" if j == 0 else "-s"
+            axes[0].plot(steps, [r["gold"] for r in rows], marker, color=f"C{i}", markersize=3, label=f"{label} gold")
+            axes[0].plot(steps, [rows[0]["gold"] + scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows],
+                         "--", color=f"C{i}", alpha=0.6)
+            axes[1].plot(steps, [r["kl_to_reference"] for r in rows], marker, color=f"C{i}", markersize=3, label=label)
     axes[0].set(xlabel="rollouts", ylabel=f"gold {OBJECTIVE}", title="PPO: gold (solid), proxy in gold SDs from the start (dashed)")
     axes[1].set(xlabel="rollouts", ylabel="KL(policy || SFT) [nats / completion]", title="PPO: drift")
     for axis in axes:
@@ -466,7 +471,8 @@ def summarize(proxy_rows: list[dict], bon_rows: list[dict], peaks: list[dict], p
               "| method | objective | alpha | beta | R^2 | points | fitted peak d | gold start | best gold (at d) | gold at end (d) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for f in fits:
-        lines.append(f"| {f['method']} | {f['objective']} | {f['alpha']:+.3f} | {f['beta']:+.3f} | {f['r2']:.3f} | {f['points']} "
+        seed = f" (seed {f['seed']})" if f["method"] == "ppo" else ""
+        lines.append(f"| {f['method']} | {f['objective']}{seed} | {f['alpha']:+.3f} | {f['beta']:+.3f} | {f['r2']:.3f} | {f['points']} "
                      f"| {f['peak_d']:.2f} | {f['gold_start']:+.3f} | {f['gold_best']:+.3f} ({f['d_best']:.2f}) "
                      f"| {f['gold_end']:+.3f} ({f['d_end']:.2f}) |")
     if bon_rows:
@@ -490,9 +496,9 @@ def summarize(proxy_rows: list[dict], bon_rows: list[dict], peaks: list[dict], p
         lines += ["", "## PPO: gold / proxy (raw) / KL by rollout", ""]
         steps = sorted({r["step"] for r in ppo_rows})
         lines += ["| objective | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
-        for name in dict.fromkeys(r["objective"] for r in ppo_rows):
-            rows = {r["step"]: r for r in ppo_rows if r["objective"] == name}
-            lines.append(f"| {name} | " + " | ".join(
+        for name, seed in dict.fromkeys((r["objective"], r["seed"]) for r in ppo_rows):
+            rows = {r["step"]: r for r in ppo_rows if (r["objective"], r["seed"]) == (name, seed)}
+            lines.append(f"| {name} (seed {seed}) | " + " | ".join(
                 f"{rows[s]['gold']:+.2f} / {rows[s]['proxy']:+.2f} / {rows[s]['kl_to_reference']:.1f}" if s in rows else ""
                 for s in steps) + " |")
     return "\n".join(lines) + "\n"
@@ -527,16 +533,19 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{standard_file} is missing: run the 'bon' stage first (it standardises the members)")
         standard = json.loads(standard_file.read_text())
         for objective in args.ppo_objectives:
-            out = run_dir / "ppo" / objective
+            out = run_dir / "ppo" / f"{objective}_seed{args.ppo_seed}"
             rows = run_ppo(objective, args, world, sft, sources, standard, run_dir / "ppo")
-            write_csv(str(out / "curves.csv"), rows, first=["objective", "step", "gold", "proxy", "kl_to_reference"])
+            write_csv(str(out / "curves.csv"), rows, first=["objective", "seed", "step", "gold", "proxy", "kl_to_reference"])
 
     if "report" in args.stages:
         bon = read_runs([str(run_dir)], "bon.csv") if (run_dir / "bon.csv").exists() else []
         ppo_dirs = [str(p) for p in sorted((run_dir / "ppo").glob("*")) if (p / "curves.csv").exists()]
         ppo = read_runs(ppo_dirs, "curves.csv") if ppo_dirs else []
+        for row in ppo:  # curves written before PPO seeds were recorded are seed 0
+            seed = row.get("seed")
+            row["seed"] = 0 if seed is None or seed != seed else int(seed)
         if ppo:
-            write_csv(str(run_dir / "ppo.csv"), ppo, first=["objective", "step", "gold", "proxy", "kl_to_reference"])
+            write_csv(str(run_dir / "ppo.csv"), ppo, first=["objective", "seed", "step", "gold", "proxy", "kl_to_reference"])
         fits = fit_rows(bon, ppo)
         write_csv(str(run_dir / "fits.csv"), fits, first=["method", "objective", "alpha", "beta", "r2"])
         scales = {r["selector"]: r["proxy_scale"] for r in bon}
