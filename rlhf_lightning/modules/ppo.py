@@ -57,6 +57,7 @@ from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.rewards import EnsembleRewardSource, GoldRewardSource, RewardTransform
 from rlhf_lightning.rollout import Rollout, collect_rollout, policy_forward
+from rlhf_lightning.strategies import clip_gradient_norm, set_deepspeed_gradient_clipping
 
 __all__ = ["PPOModule"]
 
@@ -245,6 +246,11 @@ class PPOModule(RLHFModuleBase):
         self.train()
         super().on_fit_start()  # puts the reference back in eval mode
 
+    def configure_model(self) -> None:
+        super().configure_model()
+        # Manual optimization: under DeepSpeed only the engine can clip (see strategies.clip_gradient_norm).
+        set_deepspeed_gradient_clipping(self, self.max_grad_norm)
+
     # ------------------------------------------------------------------------------------- the rollout
 
     def _step_seed(self) -> int:
@@ -346,7 +352,7 @@ class PPOModule(RLHFModuleBase):
                 entropy_batches += 1
             self.manual_backward(loss)
             if self.max_grad_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                clip_gradient_norm(self, optimizer, self.max_grad_norm)
             self._optimizer_step(optimizer, last=i == len(batches) - 1)
             optimizer.zero_grad(set_to_none=True)
             sums["loss/policy"] += policy_loss.detach()
