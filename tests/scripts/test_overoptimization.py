@@ -1,5 +1,6 @@
 """scripts/overoptimization.py: Gao et al.'s fits recover known curves exactly, bad arguments are refused, and the
-``--quick`` study on the session's world shows best-of-n gold and proxy diverge for a weak proxy (slow)."""
+``--quick`` study on the session's world shows best-of-n gold and proxy diverge for a weak proxy, with a two-rollout
+PPO run against an ensemble objective (slow)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ def test_quick_study_best_of_n_gold_and_proxy_diverge_for_a_weak_proxy(world_dir
     less than half of the gold that best-of-n by the gold scorer itself buys from the same draws."""
     script = load_script()
     out = tmp_path / "oo"
-    assert script.main(["--quick", "--run-dir", str(out), "--world-dir", world_dir, "--sft-dir", sft_policy_dir]) == 0
-    for name in ("bon.csv", "bon_peaks.csv", "fits.csv", "proxies.csv", "overoptimization.png", "summary.md"):
+    assert script.main(["--quick", "--run-dir", str(out), "--world-dir", world_dir, "--sft-dir", sft_policy_dir,
+                        "--ppo-objectives", "ens_uwo", "--ppo-steps", "2", "--eval-every", "1", "--eval-prompts", "4"]) == 0
+    for name in ("bon.csv", "bon_peaks.csv", "fits.csv", "proxies.csv", "overoptimization.png", "summary.md",
+                 "ppo.csv", "ppo_vs_rollouts.png"):
         assert os.path.getsize(out / name) > 0, name
     bon = _read(out / "bon.csv")
     selectors = {r["selector"] for r in bon}
@@ -92,5 +95,10 @@ def test_quick_study_best_of_n_gold_and_proxy_diverge_for_a_weak_proxy(world_dir
     assert weak_gold < 0.5 * oracle_gold, (weak_gold, oracle_gold)
     assert weak_proxy_in_gold_sd > weak_gold + 0.2, (weak_proxy_in_gold_sd, weak_gold)
     fits = _read(out / "fits.csv")
-    assert {f["objective"] for f in fits} == selectors and all(f["method"] == "best-of-n" for f in fits)
+    assert {f["objective"] for f in fits if f["method"] == "best-of-n"} == selectors
     assert all(math.isfinite(f["alpha"]) and f["r2"] <= 1.0 for f in fits)
+    # PPO against the UWO ensemble of the standardised members: evaluated at rollouts 0, 1, 2 (gold, proxy, KL), fitted.
+    ppo = _read(out / "ppo.csv")
+    assert [(r["objective"], r["step"]) for r in ppo] == [("ens_uwo", 0.0), ("ens_uwo", 1.0), ("ens_uwo", 2.0)]
+    assert ppo[0]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4) and all(math.isfinite(r["proxy"]) for r in ppo)
+    assert [f["objective"] for f in fits if f["method"] == "ppo"] == ["ens_uwo"]
