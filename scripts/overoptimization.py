@@ -493,6 +493,17 @@ def summarize(proxy_rows: list[dict], bon_rows: list[dict], peaks: list[dict], p
             lines.append(f"| {r['selector']} | {r['n_peak']} | {r['gold_peak']:+.3f} | {r['gold_at_max_n']:+.3f} | "
                          f"{r['drop']:+.3f} | {r['drop_se']:.3f} |")
     if ppo_rows:
+        lines += ["", "## PPO: gold's peak and the last three evaluations", "",
+                  "| objective | seed | gold at start | best gold (rollout) | mean gold, last 3 evaluations | proxy at best -> mean of last 3 "
+                  "| KL at end | length at end | fluency at end |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, seed in dict.fromkeys((r["objective"], r["seed"]) for r in ppo_rows):
+            rows = sorted((r for r in ppo_rows if (r["objective"], r["seed"]) == (name, seed)), key=lambda r: r["step"])
+            best = max(rows, key=lambda r: r["gold"])
+            last = rows[-3:]
+            mean = lambda key: sum(r[key] for r in last) / len(last)  # noqa: E731
+            lines.append(f"| {name} | {seed} | {rows[0]['gold']:+.3f} | {best['gold']:+.3f} ({best['step']}) | {mean('gold'):+.3f} "
+                         f"| {best['proxy']:+.2f} -> {mean('proxy'):+.2f} | {rows[-1]['kl_to_reference']:.1f} "
+                         f"| {rows[-1]['response_length']:.1f} | {rows[-1]['fluency']:.2f} |")
         lines += ["", "## PPO: gold / proxy (raw) / KL by rollout", ""]
         steps = sorted({r["step"] for r in ppo_rows})
         lines += ["| objective | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
