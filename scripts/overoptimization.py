@@ -441,22 +441,34 @@ def plot(bon_rows: list[dict], ppo_rows: list[dict], fits: list[dict], scales: d
         return
     # PPO's KL is not monotone in rollouts (it jumps, then wanders): the same runs against rollouts.
     objectives = list(dict.fromkeys(r["objective"] for r in ppo_rows))
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    columns = 4
+    rows_needed = math.ceil((len(objectives) + 1) / columns)
+    figure, grid = plt.subplots(rows_needed, columns, figsize=(4 * columns, 3.3 * rows_needed), squeeze=False)
+    panels = [axis for row in grid for axis in row]
+    kl_axis = panels[len(objectives)]
     for i, name in enumerate(objectives):
+        axis = panels[i]
         for j, seed in enumerate(sorted({r["seed"] for r in ppo_rows if r["objective"] == name})):
             rows = sorted((r for r in ppo_rows if r["objective"] == name and r["seed"] == seed), key=lambda r: r["step"])
             steps = [r["step"] for r in rows]
-            label = f"{name} seed {seed}"
-            marker = "-o" if j == 0 else "-s"
-            axes[0].plot(steps, [r["gold"] for r in rows], marker, color=f"C{i}", markersize=3, label=f"{label} gold")
-            axes[0].plot(steps, [rows[0]["gold"] + scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows],
-                         "--", color=f"C{i}", alpha=0.6)
-            axes[1].plot(steps, [r["kl_to_reference"] for r in rows], marker, color=f"C{i}", markersize=3, label=label)
-    axes[0].set(xlabel="rollouts", ylabel=f"gold {OBJECTIVE}", title="PPO: gold (solid), proxy in gold SDs from the start (dashed)")
-    axes[1].set(xlabel="rollouts", ylabel="KL(policy || SFT) [nats / completion]", title="PPO: drift")
-    for axis in axes:
+            colour = f"C{j}"
+            axis.plot(steps, [r["gold"] for r in rows], "-o", color=colour, markersize=3, label=f"gold, seed {seed}")
+            axis.plot(steps, [rows[0]["gold"] + scales.get(name, 1.0) * (r["proxy"] - rows[0]["proxy"]) for r in rows],
+                      "--", color=colour, alpha=0.7, label=f"proxy, seed {seed}")
+            kl_axis.plot(steps, [r["kl_to_reference"] for r in rows], "-" if j == 0 else "--", color=f"C{i}", linewidth=1,
+                         label=name if j == 0 else None)
+        axis.set_title(f"PPO against {name}", fontsize=9)
+        axis.set(xlabel="rollouts", ylabel=f"gold {OBJECTIVE}")
+        axis.axhline(rows[0]["gold"], color="gray", linewidth=0.5)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=6)
+    kl_axis.set_title("KL to SFT (solid seed 0, dashed seed 1)", fontsize=9)
+    kl_axis.set(xlabel="rollouts", ylabel="nats / completion")
+    kl_axis.grid(alpha=0.3)
+    kl_axis.legend(fontsize=6)
+    for axis in panels[len(objectives) + 1:]:
+        axis.axis("off")
+    figure.suptitle("PPO: gold (solid) and the proxy in gold SDs from the start (dashed)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path.with_name("ppo_vs_rollouts.png"), dpi=100)
     plt.close(figure)
