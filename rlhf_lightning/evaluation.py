@@ -256,7 +256,7 @@ class BestOfNResult:
             ``sqrt_kl``, and for every metric ``m`` of the samples its expected value at the picked
             completion (mean over prompts) ``m`` and the standard error over prompts ``m_se``.
         samples: the ``P * N`` scored samples of :func:`evaluate_policy` (every metric per sample).
-        scores: ``{metric: (P, N) tensor}``, the same scores as a grid (prompt, draw).
+        scores: ``{selector: (P, N) tensor}``, each selector's scores as a grid (prompt, draw).
     """
 
     rows: list[dict[str, Any]]
@@ -291,10 +291,11 @@ def best_of_n(
         policy / tokenizer / prompts: as :func:`evaluate_policy`.
         selectors: ``{name: scorer}`` ranking the draws (a ``RewardSource`` such as a proxy reward model or an
             ensemble, a ``(prompt, completion) -> float`` function, or a ``"module:attr"`` path). Their
-            scores are metrics ``score/<name>``; pass the same key in ``scorers`` only if you want it twice.
+            scores are metrics ``score/<name>`` (and reported at the picked completion too, e.g. to show the
+            proxy rising with n); a dict ``scorers`` must use other names.
         scorers: what to report of the picked completion: gold objective names (``["sentiment"]`` ->
             ``gold/sentiment``) or a dict (-> ``score/<key>``), as in :func:`evaluate_policy`.
-        ns: the budgets to report (default: powers of two up to ``N``); each ``1 <= n <= N``.
+        ns: the budgets to report (default: the powers of two up to ``N``, and ``N``); each ``1 <= n <= N``.
         num_samples: ``N``, draws per prompt (default ``max(ns)``).
         **sampling: ``max_new_tokens``, ``temperature``, ``batch_size``, ``seed``, ... of :func:`evaluate_policy`.
             No ``reference``: the KL of best-of-n is the analytic :func:`best_of_n_kl`.
@@ -310,7 +311,7 @@ def best_of_n(
         if not ns:
             raise ValueError("give ns or num_samples")
         num_samples = max(ns)
-    ns = sorted(set(ns)) if ns else [2**k for k in range(int(math.log2(num_samples)) + 1)]
+    ns = sorted(set(ns)) if ns else sorted({2**k for k in range(int(math.log2(num_samples)) + 1)} | {num_samples})
     if ns[0] < 1 or ns[-1] > num_samples:
         raise ValueError(f"every n must be in [1, num_samples={num_samples}], got {ns}")
     if isinstance(scorers, Mapping):
