@@ -9,7 +9,8 @@
 3. MORLHF (Zhou et al. 2023's baseline): for each ``w``, PPO (``configs/ppo.yaml``, its adaptive KL controller)
    on ``w * r_sentiment + (1 - w) * r_consistency`` (:class:`~rlhf_lightning.rewards.EnsembleRewardSource`
    with weights over the two reward models; the consistency one is MODPO's margin model), ``--ppo-steps``
-   rollouts, exported to ``<run-dir>/morlhf_sentiment<w>``.
+   rollouts, exported to ``<run-dir>/morlhf_sentiment<w>`` (with ``_lr<lr>`` / ``_steps<n>`` appended when
+   ``--ppo-lr`` / ``--ppo-steps`` are given, as are the results files' names).
 
 Every policy is evaluated as the sweep evaluates (same prompts, same sampling seed). Writes
 ``<run-dir>/morlhf_vs_modpo.csv`` (one row per policy: gold scores, KL to SFT, training wall seconds,
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = pareto_sweep.parse_args(rest)
     for key, value in vars(own).items():
         setattr(args, key, value)
+    args.ppo_steps_given = args.ppo_steps is not None
     args.ppo_steps = args.ppo_steps or (40 if args.quick else 60)
     return args
 
@@ -84,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "ppo.yaml")
     eval_prompts = read_prompts(str(world / "prompts_eval.jsonl"), args.eval_prompts)
     rows = list(modpo_rows)
+    # runs at another learning rate or length get their own folders and results files
+    suffix = (f"_lr{args.ppo_lr:g}" if args.ppo_lr else "") + (f"_steps{args.ppo_steps}" if args.ppo_steps_given else "")
     for weight in args.weights:
-        stage = run_dir / f"morlhf_{OBJECTIVE}{weight:.2f}"
+        stage = run_dir / f"morlhf_{OBJECTIVE}{weight:.2f}{suffix}"
         export = stage / "hf" / "final"
         if not (export / "config.json").exists():
             reward = EnsembleRewardSource(members, weights=[weight, 1.0 - weight], name="morlhf")
@@ -119,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                    reward_models_s=sentiment_rm_s + seconds(margin_stage))
         rows.append(row)
         print(f"[morlhf] {row['policy']}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
-    write_results(rows, run_dir)
+    write_results(rows, run_dir, suffix)
     return 0
 
 
-def write_results(rows: list[dict], run_dir: Path) -> None:
+def write_results(rows: list[dict], run_dir: Path, suffix: str = "") -> None:
     """``morlhf_vs_modpo.csv`` and ``morlhf_vs_modpo.png`` (both fronts, SFT, training seconds beside each point)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(run_dir / "morlhf_vs_modpo.csv", "w", newline="") as handle:
+    with open(run_dir / f"morlhf_vs_modpo{suffix}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -155,9 +159,9 @@ def write_results(rows: list[dict], run_dir: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(run_dir / "morlhf_vs_modpo.png", dpi=110)
+    figure.savefig(run_dir / f"morlhf_vs_modpo{suffix}.png", dpi=110)
     plt.close(figure)
-    print(f"[morlhf] wrote {run_dir / 'morlhf_vs_modpo.csv'} and {run_dir / 'morlhf_vs_modpo.png'}", flush=True)
+    print(f"[morlhf] wrote {run_dir}/morlhf_vs_modpo{suffix}.csv and .png", flush=True)
 
 
 if __name__ == "__main__":

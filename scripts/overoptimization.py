@@ -1,6 +1,6 @@
 """Reward-model over-optimisation on the embedded world: Gao et al. 2022's curves and Coste et al. 2023's ensembles.
 
-    python scripts/overoptimization.py --run-dir runs/overopt                 # the study (~30 CPU-minutes)
+    python scripts/overoptimization.py --run-dir runs/overopt                 # the study (~20 CPU-minutes per PPO seed)
     python scripts/overoptimization.py --run-dir runs/overopt --stages report # re-fit and re-plot saved results
     python scripts/overoptimization.py --run-dir /tmp/oo --quick --world-dir W --sft-dir S   # CI smoke
 
@@ -115,12 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bon-samples", type=int, default=None, help="draws per prompt, the largest n (default 256)")
     parser.add_argument("--ppo-objectives", nargs="*", default=None,
                         help="proxy names and/or ens_mean / ens_wco / ens_uwo to run PPO against "
-                             "(default: the 250- and 1000-pair proxies and the three ensembles)")
-    parser.add_argument("--ppo-steps", type=int, default=None, help="rollouts per PPO run (default 150)")
-    parser.add_argument("--eval-every", type=int, default=15, help="rollouts between PPO evaluations")
+                             "(default: the 250-, 1000- and 4000-pair proxies and the three ensembles)")
+    parser.add_argument("--ppo-steps", type=int, default=None, help="rollouts per PPO run (default 120)")
+    parser.add_argument("--eval-every", type=int, default=10, help="rollouts between PPO evaluations")
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per PPO evaluation (default 64)")
     parser.add_argument("--kl-coef", type=float, default=0.01, help="PPO's fixed KL coefficient")
-    parser.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate")
+    parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0, help="world, SFT and best-of-n sampling seed")
     parser.add_argument("--ppo-seed", type=int, default=0, help="PPO's seed (training and rollouts)")
@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = dict(proxies=["250:s:0", "1000:s:0", "4000:s:0", "1000:xs:0", "1000:m:0"],
                     ensemble=[f"1000:s:{seed}" for seed in range(4)], bon_prompts=192, bon_samples=256,
-                    ppo_objectives=["n250_s_seed0", "n1000_s_seed0", *ENSEMBLE_AGGREGATIONS], ppo_steps=150,
+                    ppo_objectives=["n250_s_seed0", "n1000_s_seed0", "n4000_s_seed0", *ENSEMBLE_AGGREGATIONS], ppo_steps=120,
                     min_rm_steps=80, eval_prompts=64)
     for key, value in defaults.items():
         if getattr(args, key) is None:
