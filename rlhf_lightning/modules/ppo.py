@@ -106,6 +106,7 @@ class PPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM against a reward with PPO.
 
@@ -147,6 +148,8 @@ class PPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``); one schedule step per rollout.
             dtype: parameter dtype of policy, critic and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged per rollout: ``reward/raw``, ``reward/score`` (after the transform), ``reward/shaped``
         (per-token rewards summed per episode), ``kl`` (mean sequence KL), ``kl_coef``, ``entropy``,
@@ -156,6 +159,7 @@ class PPOModule(RLHFModuleBase):
         ``val/kl_to_reference``, ``val/response_length``.
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if kl_estimator not in KL_KINDS:
             raise ValueError(f"kl_estimator must be one of {KL_KINDS}, got {kl_estimator!r}")
         if ppo_epochs < 1:
@@ -462,8 +466,10 @@ class PPOModule(RLHFModuleBase):
     # ------------------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo"] = {"kl_coef": self.kl_coef}  # the state dict leaves the frozen reference out (base)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "ppo" in checkpoint:  # a KL controller callback, if any, re-applies its own restored value
             self.kl_coef = float(checkpoint["ppo"]["kl_coef"])
