@@ -173,8 +173,10 @@ class OnPolicyModuleBase(RLHFModuleBase):
     def _step_seed(self) -> int:
         return ((self.seed * 1_000_003 + self.global_rank) * 1_000_003 + self.global_step) % (2**63)
 
-    def collect(self, prompt_batch: Mapping[str, Any]) -> Rollout:
-        """Sample, score and record old log-probs / ref log-probs / values for one prompt batch (no grad)."""
+    def collect(self, prompt_batch: Mapping[str, Any], *, seed_offset: int = 0) -> Rollout:
+        """Sample, score and record old log-probs / ref log-probs / values for one prompt batch (no grad).
+
+        ``seed_offset`` gives a further rollout of the same step its own sampling seed (e.g. refills)."""
         if self.reward_fn is None:
             raise ValueError(f"{type(self).__name__} has no reward: pass `reward=` or assign `self.reward_fn`.")
         return collect_rollout(
@@ -187,7 +189,7 @@ class OnPolicyModuleBase(RLHFModuleBase):
             value_model=self.critic,
             reward_transform=self.reward_transform,
             forward_batch_size=self.forward_batch_size,
-            seed=self._step_seed(),
+            seed=(self._step_seed() + seed_offset) % (2**63),
         )
 
     def rollout_kl(self, rollout: Rollout) -> torch.Tensor:
