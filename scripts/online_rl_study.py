@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+import lightning as L
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gold_curves import (  # noqa: E402
@@ -88,22 +90,51 @@ def reward_overrides(args, variant: str) -> list[str]:
             "--model.init_args.reward_transform=null"]
 
 
+def _proc_status_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in MiB, from /proc (Linux)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class MemoryProbe(L.Callback):
+    """Resident memory when training starts (models, optimizer built) and the process peak when it ends:
+    their difference is what the rollouts and updates themselves add."""
+
+    def __init__(self) -> None:
+        self.start_mb = self.peak_mb = float("nan")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_mb = _proc_status_mb("VmRSS")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.peak_mb = _proc_status_mb("VmHWM")
+
+
 def run_one(args, variant: str, seed: int, out: str) -> None:
     """Train one (variant, seed) in this process; write its curves.csv, train.csv and memory.json to ``out``."""
     config, extra = VARIANTS[variant]
-    if variant == "ppo_separate_critic":
-        extra = [*extra, f"--model.init_args.critic={args.reward_model}"]
+    if variant == "ppo_separate_critic":  # a critic initialised from the SFT policy (trunk + fresh value head)
+        extra = [*extra, f"--model.init_args.critic={args.policy}"]
     curve = GoldCurve(read_prompts(args.eval_prompts, args.num_eval_prompts), args.eval_every,
                       max_new_tokens=args.max_new_tokens or 48)
     args.out = out  # study_overrides puts the run's folder under --out
     overrides = [*study_overrides(args, variant, seed), *reward_overrides(args, variant), *extra]
-    module = fit_config(os.path.join(CONFIGS, config), overrides, curve)
+    probe = MemoryProbe()
+    module = fit_config(os.path.join(CONFIGS, config), overrides, curve, edit_callbacks=lambda cbs: [*cbs, probe])
     optimizer = module.trainer.optimizers[0]
     state_bytes = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                       if hasattr(v, "numel"))
     memory = {
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "optimizer_state_mb": round(state_bytes / 2**20, 3),
+        "rss_at_train_start_mb": round(probe.start_mb, 1),
+        "training_peak_over_start_mb": round(probe.peak_mb - probe.start_mb, 1),
     }
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "curves.csv"), [{"variant": variant, "seed": seed, **r} for r in curve.rows])
@@ -140,8 +171,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def summarize(curves: dict[str, list[list[dict]]], memory_rows: list[dict], seeds: list[int]) -> str:
     lines = [
-        "| variant | final gold sentiment | final KL | best gold | train wall s | s / rollout | peak RSS MB | trainable params | optimizer state MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | final gold sentiment | final KL | best gold | train wall s | s / rollout | peak RSS MB | peak over train start MB | trainable params | optimizer state MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, runs in curves.items():
         if not runs:
@@ -153,19 +184,21 @@ def summarize(curves: dict[str, list[list[dict]]], memory_rows: list[dict], seed
         steps = runs[0][-1]["step"]
         mem = [m for m in memory_rows if m["variant"] == variant]
         rss = mean_se([m["peak_rss_mb"] for m in mem]) if mem else (float("nan"), float("nan"))
+        growth = mean_se([m["training_peak_over_start_mb"] for m in mem]) if mem else (float("nan"), float("nan"))
         params = mem[0]["trainable_params"] if mem else ""
         state = mem[0]["optimizer_state_mb"] if mem else ""
         lines.append(
             f"| {variant} | {gold[0]:+.3f} +- {gold[1]:.3f} | {kl[0]:.2f} +- {kl[1]:.2f} | {best[0]:+.3f} | "
-            f"{wall[0]:.0f} | {wall[0] / max(steps, 1):.2f} | {rss[0]:.0f} | {params} | {state} |"
+            f"{wall[0]:.0f} | {wall[0] / max(steps, 1):.2f} | {rss[0]:.0f} | {growth[0]:.0f} | {params} | {state} |"
         )
     sft = next(iter(r for runs in curves.values() for rows in runs for r in rows if r["step"] == 0), None)
     if sft is not None:
         lines += ["", f"SFT policy (step 0): gold sentiment {sft['gold']:+.3f}. Mean +- standard error over seeds {seeds}."]
     extra = [m for m in memory_rows if m["variant"] not in curves]
     for m in extra:
-        lines.append(f"Memory probe {m['variant']} (seed {m['seed']}): peak RSS {m['peak_rss_mb']:.0f} MB, "
-                     f"{m['trainable_params']} trainable params, optimizer state {m['optimizer_state_mb']} MB.")
+        lines.append(f"Memory probe {m['variant']} (seed {m['seed']}): peak RSS {m['peak_rss_mb']:.0f} MB "
+                     f"({m['training_peak_over_start_mb']:.0f} MB over train start), {m['trainable_params']} trainable "
+                     f"params, optimizer state {m['optimizer_state_mb']} MB.")
     return "\n".join(lines) + "\n"
 
 
