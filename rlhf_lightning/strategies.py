@@ -63,6 +63,8 @@ __all__ = [
     "is_fsdp2_sharded",
     "full_state_dict",
     "export_state_dict",
+    "clip_gradient_norm",
+    "set_deepspeed_gradient_clipping",
 ]
 
 FrozenModels = Literal["shard", "replicate"]
@@ -471,3 +473,49 @@ def export_state_dict(pl_module: nn.Module, model: nn.Module) -> dict[str, torch
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         return _zero3_full_state_dict(model)
     return None
+
+
+# --------------------------------------------------------------------------------- manual-optimization clipping
+
+
+def clip_gradient_norm(pl_module, optimizer, max_norm: float) -> None:
+    """Clip the total gradient norm of ``pl_module``'s parameters to ``max_norm`` before a manual optimizer step,
+    the way the strategy needs it (Lightning clips only under automatic optimization).
+
+    * FSDP1 (``FSDPStrategy``): the root FSDP unit's ``clip_grad_norm_``, which computes the norm over all
+      shards; Lightning's FSDP precision plugin refuses ``"norm"`` clipping (``MisconfigurationException``).
+    * DeepSpeed: nothing here. The engine clips inside its own step, to the config's ``gradient_clipping``,
+      which :func:`set_deepspeed_gradient_clipping` sets (Lightning's DeepSpeed precision plugin ignores
+      ``clip_gradients``, and ZeRO keeps the gradients in its own partitioned buffers).
+    * Every other strategy (single device, DDP, FSDP2): ``LightningModule.clip_gradients`` with the ``"norm"``
+      algorithm (``torch.nn.utils.clip_grad_norm_``, which handles FSDP2's DTensor gradients).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = pl_module.trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        return
+    if isinstance(strategy, FSDPStrategy):
+        strategy.model.clip_grad_norm_(max_norm)
+        return
+    pl_module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def set_deepspeed_gradient_clipping(pl_module, max_norm: float | None) -> None:
+    """Under DeepSpeed, make the engine clip the gradient norm to ``max_norm`` at each step (its config's
+    ``gradient_clipping``); a no-op under other strategies or for ``None``. Call it before the engine is built
+    (``setup`` / ``configure_model``). A different non-zero value already in the DeepSpeed config is an error:
+    two settings for one thing."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = pl_module.trainer.strategy
+    if max_norm is None or not isinstance(strategy, DeepSpeedStrategy):
+        return
+    config = strategy.config
+    current = config.get("gradient_clipping")
+    if current and current != max_norm:
+        raise ValueError(
+            f"The DeepSpeed config sets gradient_clipping={current}, and {type(pl_module).__name__} has "
+            f"max_grad_norm={max_norm}: set one of them (max_grad_norm, or null to keep the config's)."
+        )
+    config["gradient_clipping"] = float(max_norm)

@@ -59,6 +59,7 @@ from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.rewards import EnsembleRewardSource, GoldRewardSource, RewardTransform
 from rlhf_lightning.rollout import PolicyForward, Rollout, collect_rollout, policy_forward
+from rlhf_lightning.strategies import clip_gradient_norm, set_deepspeed_gradient_clipping
 
 __all__ = ["OnPolicyModuleBase"]
 
@@ -167,6 +168,11 @@ class OnPolicyModuleBase(RLHFModuleBase):
         # from_pretrained returns eval-mode models and Lightning keeps module modes as they are.
         self.train()
         super().on_fit_start()  # puts the reference back in eval mode
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        # Manual optimization: under DeepSpeed only the engine can clip (see strategies.clip_gradient_norm).
+        set_deepspeed_gradient_clipping(self, self.max_grad_norm)
 
     # ------------------------------------------------------------------------------------- the rollout
 
@@ -310,7 +316,7 @@ class OnPolicyModuleBase(RLHFModuleBase):
             last = i == len(batches) - 1 or stop
             self.manual_backward(loss)
             if self.max_grad_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                clip_gradient_norm(self, optimizer, self.max_grad_norm)
             self._optimizer_step(optimizer, last=last)
             optimizer.zero_grad(set_to_none=True)
             for name, value in stats.items():
