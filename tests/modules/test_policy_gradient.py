@@ -261,3 +261,34 @@ def test_grpo_learns_the_verifiable_task(request, tmp_path):
     fit(module, tmp_path, None, None, callbacks=[recorder], datamodule=datamodule, max_steps=20)
     early, late = recorder.mean("reward/raw", slice(0, 3)), recorder.mean("reward/raw", slice(-3, None))
     assert late > early + 0.15, (early, late)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir, assets_dir, tiny_config):
+    """GRPO with an adaptive KL controller: resumed from the checkpoint after rollout 2 of 4, it ends with the
+    weights, optimizer state and kl_coef of the uninterrupted run (the base's checkpoint hooks, its own key)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rlhf_lightning.callbacks import AdaptiveKLController
+
+    def run(root, ckpt_path=None):
+        module = make_module(tiny_config, tokenizer_dir, cls=GRPOModule, sampling=SamplingConfig(max_new_tokens=6, num_samples_per_prompt=2))
+        controller = AdaptiveKLController(init_kl_coef=0.1, target=1.0, horizon=20)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        trainer = fit(module, tmp_path / root, tokenizer_dir, assets_dir, callbacks=[controller, checkpoints], max_steps=4,
+                      ckpt_path=ckpt_path, enable_checkpointing=True,
+                      datamodule=prompts_datamodule(tokenizer_dir, assets_dir, shuffle=False, batch_size=8))
+        return module, trainer
+
+    full, full_trainer = run("full")
+    mid = tmp_path / "full" / "step=2.ckpt"
+    saved = torch.load(mid, weights_only=False)
+    assert "policy_gradient" in saved and not any(k.startswith("ref_model.") for k in saved["state_dict"])
+    resumed, resumed_trainer = run("resumed", ckpt_path=str(mid))
+    assert resumed_trainer.global_step == full_trainer.global_step == 4
+    assert resumed.kl_coef == full.kl_coef != 0.1
+    for (name, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    full_state = full_trainer.optimizers[0].state_dict()["state"]
+    resumed_state = resumed_trainer.optimizers[0].state_dict()["state"]
+    for key in full_state:
+        assert int(resumed_state[key]["step"]) == int(full_state[key]["step"]) == 16  # 4 rollouts x 2 x 2
