@@ -261,6 +261,7 @@ def collect_rollout(
         num_samples_per_prompt=config.num_samples_per_prompt,
         stop_token_ids=config.stop_token_ids,
         seed=seed,
+        share_prompt_prefill=config.share_prompt_prefill,
     )
     # Greedy decoding has no temperature; log-probs are then those of the untempered policy.
     temperature = config.temperature if config.do_sample else 1.0

@@ -32,9 +32,10 @@ the coefficient a controller sets.
 
 Where this departs from the papers, and why:
 
-* Group sampling repeats each prompt G times before one batched ``generate`` (``repeat_interleave``):
-  the prompt's prefill runs G times rather than once with an expanded KV cache. Prompts here are short
-  next to the completions, so the saving would be small, and HF ``generate`` then needs no cache surgery.
+* Group sampling draws the G completions of every prompt in one batched ``generate``. By default each
+  prompt is repeated G times (``repeat_interleave``); ``sampling.share_prompt_prefill: true`` (set in the
+  shipped configs) encodes each prompt once and repeats its KV cache G times instead — the same samples
+  (tested), B rows of prompt prefill instead of B x G.
 * DAPO's dynamic sampling refills dropped groups with groups of *new* prompts drawn from a second
   iterator over the training prompts (its own shuffled order), up to ``max_refill_rounds`` extra
   rollouts; if still short, all-equal groups fill the batch back to its size (they carry zero advantage,
