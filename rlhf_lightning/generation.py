@@ -240,9 +240,14 @@ def _shared_prompt_cache(model: nn.Module, prompt_input_ids: torch.Tensor, promp
 
     ids, mask = prompt_input_ids[:, :-1], prompt_attention_mask[:, :-1]
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask), use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache if _cache_kwarg(type(out)) == "cache" else out.past_key_values
     cache.batch_repeat_interleave(group)
     return cache
+
+
+def _cache_kwarg(output_type) -> str:
+    """The ``generate`` keyword of a prefilled cache: ``cache`` (transformers >= 5.x), else ``past_key_values``."""
+    return "cache" if "cache" in getattr(output_type, "__dataclass_fields__", {}) else "past_key_values"
 
 
 def generate(
@@ -338,7 +343,9 @@ def generate(
         kwargs.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     with eval_mode(model, generator_model), torch.no_grad(), _seeded(seed, device):
         if prefill_once:
-            kwargs["past_key_values"] = _shared_prompt_cache(generator_model, unique_ids, unique_mask, group)
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            kwargs[_cache_kwarg(CausalLMOutputWithPast)] = _shared_prompt_cache(generator_model, unique_ids, unique_mask, group)
         sequences = generator_model.generate(
             input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, **kwargs
         )
