@@ -166,10 +166,11 @@ def test_bad_arguments(tokenizer_dir, tiny_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("advantage", ["grpo"])
 def test_learns_to_say_great(advantage, tmp_path, tokenizer_dir, assets_dir, tiny_config):
     """Reward = number of "great" tokens (~0.1 in 8 tokens for the random tiny LM): the reward rises by > 1
-    within 15 rollouts with a weak KL, as PPO's test asks."""
+    within 15 rollouts with a weak KL, as PPO's test asks (RLOO and REINFORCE++ passed it too, 10 s each;
+    they are left to the embedded-world tests below to keep the suite short)."""
     module = make_module(
         tiny_config, tokenizer_dir, reward=FunctionRewardSource(count_great), advantage=advantage,
         sampling=SamplingConfig(max_new_tokens=8, num_samples_per_prompt=4), kl_coef=0.01,
