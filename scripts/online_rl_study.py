@@ -46,6 +46,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dr_grpo": ("grpo.yaml", ["--model.init_args.advantage=dr_grpo"]),
     "rloo": ("rloo.yaml", []),
     "reinforce_pp": ("reinforce_pp.yaml", []),
+    # The loss variants of configs/grpo.yaml's header (not in the default list).
+    "dapo": ("grpo.yaml", ["--model.init_args.clip_range_high=0.28", "--model.init_args.loss_aggregation=token_mean",
+                           "--model.init_args.dynamic_sampling=true", "--model.init_args.kl_coef=0.0"]),
+    "gspo": ("grpo.yaml", ["--model.init_args.ratio_level=sequence", "--model.init_args.clip_range_low=3.0e-4",
+                           "--model.init_args.clip_range_high=4.0e-4"]),
     # Memory probe only (not in the default list): PPO with a separate critic, the usual large-model setup.
     "ppo_separate_critic": ("ppo.yaml", []),
 }
