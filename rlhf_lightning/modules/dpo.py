@@ -11,8 +11,9 @@ Where this departs from the paper, and why:
   ``logps/*`` and ``rewards/*`` are then per-token too.
 * ``precompute_reference=True`` computes the reference log-probs once before training (keyed by the
   batch's ``index`` column, cached on disk by a fingerprint of the tokenized data, the reference
-  weights and the averaging flag) and then deletes the reference: training holds one model. The
-  numbers are those of the live reference in eval mode (no dropout), so both modes give the same loss.
+  weights, the averaging flag and the trainer's precision) and then deletes the reference: training holds
+  one model. The numbers are those of the live reference in eval mode (no dropout), computed under the
+  autocast of the training step, so both modes give the same loss in every precision.
 * The reference's weights are not written into checkpoints, plain or sharded (the module's state dict
   leaves them out, :class:`~rlhf_lightning.modules.base.RLHFModuleBase`); they are rebuilt from
   ``reference`` / ``model`` at load time, and loading stays strict for every other key.
@@ -63,6 +64,7 @@ class DPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM on preference pairs with DPO (or IPO / hinge / robust DPO).
 
@@ -84,6 +86,8 @@ class DPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged (names as in TRL): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
@@ -94,6 +98,7 @@ class DPOModule(RLHFModuleBase):
         per step for values the logger never sees (:mod:`~rlhf_lightning.modules.metric_window`).
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
         if beta <= 0:
@@ -168,12 +173,16 @@ class DPOModule(RLHFModuleBase):
         pad = self._pad_token_id()
 
         def fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            out = reference_pair_logps(ref, batch, average=self.average_logps, pad_token_id=pad)
+            # Under the same autocast as the training step: precomputed and live reference give the same
+            # numbers in every precision (bf16-mixed included).
+            with self.step_precision_context():
+                out = reference_pair_logps(ref, batch, average=self.average_logps, pad_token_id=pad)
             return {"ref_chosen_logps": out.chosen_logps, "ref_rejected_logps": out.rejected_logps}
 
         for split, loader in loaders.items():
             fingerprint = combine_fingerprints(
-                kind="dpo-reference-logps", data=dataset_fingerprint(loader.dataset), reference=weights, average=self.average_logps
+                kind="dpo-reference-logps", data=dataset_fingerprint(loader.dataset), reference=weights, average=self.average_logps,
+                precision=self.step_precision_name(),
             )
             values, hit = cached_per_index(
                 loader, fn, fingerprint=fingerprint, cache_dir=self.reference_cache_dir, name=f"ref-logps-{split}",

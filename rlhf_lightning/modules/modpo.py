@@ -125,6 +125,7 @@ class MODPOModule(DPOModule):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM on one objective's preference pairs with MODPO, the other objectives
         entering as weighted margins.
@@ -153,6 +154,8 @@ class MODPOModule(DPOModule):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged (``train/`` per step, ``val/`` per validation epoch): DPO's metrics, where
         ``rewards/*`` are the margin-adjusted implicit rewards of ``modpo_loss``, plus
@@ -184,6 +187,7 @@ class MODPOModule(DPOModule):
             optim=optim,
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
+            on_nonfinite=on_nonfinite,
         )
         # DPOModule saved this __init__'s arguments too; store them again without the margin sources
         # (objects holding models: rebuilt from the config, never pickled into checkpoints).
@@ -227,10 +231,11 @@ class MODPOModule(DPOModule):
         sources = [margin_source_fingerprint(source) for source in self.margin_sources]
         for split, loader in loaders.items():
             fingerprint = combine_fingerprints(
-                kind="modpo-margins", data=dataset_fingerprint(loader.dataset), sources=sources, names=self.margin_names
+                kind="modpo-margins", data=dataset_fingerprint(loader.dataset), sources=sources, names=self.margin_names,
+                precision=self.step_precision_name(),
             )
             values, hit = cached_per_index(
-                loader, self._score_sources, fingerprint=fingerprint, cache_dir=self.cache_dir, name=f"modpo-margins-{split}",
+                loader, self._score_sources_under_step_precision, fingerprint=fingerprint, cache_dir=self.cache_dir, name=f"modpo-margins-{split}",
                 device=device, write=trainer is None or trainer.is_global_zero,
             )
             self._margin_values[split] = values
@@ -238,6 +243,11 @@ class MODPOModule(DPOModule):
             log.info("MODPO margins for %s: %s (%d rows)", split, "cache hit" if hit else "computed", len(values))
         if trainer is not None:
             trainer.strategy.barrier("modpo_margin_cache")
+
+    def _score_sources_under_step_precision(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`_score_sources` under the training step's autocast, so precomputed margins equal live ones."""
+        with self.step_precision_context():
+            return self._score_sources(batch)
 
     @torch.no_grad()
     def _score_sources(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -398,8 +398,10 @@ class OnPolicyModuleBase(RLHFModuleBase):
     # ------------------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[self.checkpoint_key] = {"kl_coef": self.kl_coef}  # the state dict leaves the frozen reference out (base)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.checkpoint_key in checkpoint:  # a KL controller callback, if any, re-applies its own restored value
             self.kl_coef = float(checkpoint[self.checkpoint_key]["kl_coef"])

@@ -137,6 +137,7 @@ class PolicyGradientModule(OnPolicyModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM against a reward with a critic-free policy gradient (no value model).
 
@@ -184,6 +185,8 @@ class PolicyGradientModule(OnPolicyModuleBase):
             optim: optimizer and learning-rate schedule; one schedule step per rollout.
             dtype: parameter dtype of policy and reference.
             gradient_checkpointing: recompute activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged per rollout: ``reward/raw``, ``reward/score``, ``kl``, ``kl_coef``, ``advantage/std``,
         ``groups/informative_fraction`` (groups whose scores are not all equal; group estimators),
@@ -191,6 +194,7 @@ class PolicyGradientModule(OnPolicyModuleBase):
         ``response_length``, ``finished_fraction``. Validation: as PPO.
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         advantage = advantage or self.default_advantage
         if advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {sorted(ADVANTAGES)}, got {advantage!r}")

@@ -99,6 +99,7 @@ class PPOModule(OnPolicyModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM against a reward with PPO.
 
@@ -147,6 +148,8 @@ class PPOModule(OnPolicyModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``); one schedule step per rollout.
             dtype: parameter dtype of policy, critic and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged per rollout: ``reward/raw``, ``reward/score`` (after the transform), ``reward/shaped``
         (per-token rewards summed per episode), ``kl`` (mean sequence KL), ``kl_coef``, ``entropy``,
@@ -156,6 +159,7 @@ class PPOModule(OnPolicyModuleBase):
         ``val/kl_to_reference``, ``val/response_length``.
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if kl_estimator not in KL_KINDS:
             raise ValueError(f"kl_estimator must be one of {KL_KINDS}, got {kl_estimator!r}")
         if ppo_epochs < 1:

@@ -48,14 +48,19 @@ class PairRewardMetrics(nn.Module):
     ``MeanMetric`` states, so ``compute()`` is synchronised across data-parallel ranks.
 
     The std is ``sqrt(E[r^2] - E[r]^2)`` from two running means (population std over all rewards).
+    ``persistent=True`` keeps the running states in ``state_dict`` (checkpoints), so the epoch statistics
+    of a run resumed mid-epoch cover the whole epoch, as an uninterrupted run's do.
     """
 
-    def __init__(self):
+    def __init__(self, persistent: bool = False):
         super().__init__()
         self.accuracy = MeanMetric()
         self.margin = MeanMetric()
         self.reward = MeanMetric()
         self.reward_sq = MeanMetric()
+        if persistent:
+            for metric in (self.accuracy, self.margin, self.reward, self.reward_sq):
+                metric.persistent(True)
 
     def update(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
         chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
@@ -90,6 +95,7 @@ class RewardModelModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Train a scalar reward model on preference pairs (Bradley-Terry).
 
@@ -105,6 +111,8 @@ class RewardModelModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
         Logged (``train/``, ``train/epoch_`` per epoch, ``val/`` per validation): ``loss``,
         ``accuracy`` (fraction of pairs with r_c > r_r), ``margin`` (mean r_c - r_r), ``reward_mean``,
@@ -113,6 +121,7 @@ class RewardModelModule(RLHFModuleBase):
         the steps since its previous write (:mod:`~rlhf_lightning.modules.metric_window`).
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if center_rewards_coef is not None and center_rewards_coef < 0:
             raise ValueError(f"center_rewards_coef must be >= 0 or None, got {center_rewards_coef}")
         self.save_hyperparameters(ignore=["model"] if not isinstance(model, (str, dict)) else None)
@@ -123,7 +132,7 @@ class RewardModelModule(RLHFModuleBase):
         self.model = load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.train_metrics = PairRewardMetrics()
+        self.train_metrics = PairRewardMetrics(persistent=True)  # mid-epoch resume keeps the epoch's statistics
         self.val_metrics = PairRewardMetrics()
         self._train_window = MetricWindow()
 

@@ -30,6 +30,7 @@ class SFTModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        on_nonfinite: str = "error",
     ):
         """Supervised fine-tuning of a causal LM on prompt/completion demonstrations.
 
@@ -41,8 +42,11 @@ class SFTModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         self.save_hyperparameters(ignore=["model"] if not isinstance(model, (str, dict)) else None)
         self.optim = optim or Optimization()
         self.completion_only_loss = completion_only_loss
