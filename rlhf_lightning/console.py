@@ -26,6 +26,6 @@ def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in EXTRA_COMMANDS:
         raise SystemExit(run_extra_command(words[0], words[1:]))
-    from rlhf_lightning.cli import cli_main
+    from rlhf_lightning.cli import run_cli
 
-    cli_main(argv)
+    run_cli(argv)

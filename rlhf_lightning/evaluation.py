@@ -10,6 +10,10 @@ are taken at temperature 1, so the estimate is the KL of the temperature-1 polic
 sampling at ``temperature=1.0`` (with ``top_k``/``top_p`` off); at other temperatures it is the
 expected log-ratio under the tempered sampler, a proxy. The single-sample estimate is unbiased but
 can be negative; its mean over many samples is not.
+
+Best-of-n (:func:`best_of_n`) draws ``N`` completions per prompt once and reports, for every ``n <= N``
+and every selection source, the expected score of the completion a best-of-n sampler would return,
+next to the analytic KL of best-of-n to the sampling policy, ``log n - (n - 1) / n``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,16 @@ from torch import nn
 from rlhf_lightning.generation import _model_device, decode_completions, eval_mode, generate, tokenize_prompts
 from rlhf_lightning.rollout import _reference_lm, policy_forward
 
-__all__ = ["EvalResult", "evaluate_policy"]
+__all__ = [
+    "EvalResult",
+    "evaluate_policy",
+    "best_of_n_kl",
+    "best_of_n_weights",
+    "best_of_n_expectation",
+    "BestOfNResult",
+    "best_of_n",
+    "best_of_n_rows",
+]
 
 Scorer = Callable[[str, str], float]
 
@@ -179,3 +192,169 @@ def evaluate_policy(
         metrics[f"{metric}_std"] = std
     metrics["finished_fraction"] = _mean_std([float(s["finished"]) for s in samples])[0]
     return EvalResult(metrics=metrics, samples=samples)
+
+
+# ---- best-of-n -----------------------------------------------------------------------------------
+
+
+def best_of_n_kl(n: int) -> float:
+    """Analytic KL(best-of-n || base policy) in nats: ``log n - (n - 1) / n``.
+
+    Stiennon et al. 2020 (appendix G.3) and Gao et al. 2022 (section 2.2). It is exact when the n samples
+    are almost surely distinct and an upper bound otherwise (Beirami et al. 2024): a low-entropy policy
+    that repeats completions drifts less than this from best-of-n.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_weights(num_samples: int, n: int) -> torch.Tensor:
+    """``(N,)`` probability that the ``i``-th smallest of ``N`` scores is the maximum of a uniformly drawn
+    ``n``-subset (without replacement): ``C(i - 1, n - 1) / C(N, n)`` for ``i = 1..N`` (0 for ``i < n``).
+
+    Weighting each sample's value by these (samples sorted by their selection score) gives the expected
+    value of best-of-n computed from all ``N >= n`` draws at once: the unbiased estimator of Nakano et al.
+    2021 (WebGPT, appendix) that Gao et al. 2022 use, with less variance than subsampling.
+    """
+    if not 1 <= n <= num_samples:
+        raise ValueError(f"need 1 <= n <= num_samples, got n={n}, num_samples={num_samples}")
+    i = torch.arange(1, num_samples + 1, dtype=torch.float64)
+    # log C(i - 1, n - 1) - log C(N, n) with lgamma; rows i < n get probability 0.
+    log_comb = lambda a, b: torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)  # noqa: E731
+    valid = i >= n
+    weights = torch.zeros(num_samples, dtype=torch.float64)
+    a = i[valid] - 1
+    weights[valid] = torch.exp(log_comb(a, torch.full_like(a, n - 1)) - log_comb(torch.tensor(float(num_samples)), torch.tensor(float(n))))
+    return weights / weights.sum()  # exact up to rounding; renormalise against lgamma's
+
+
+def best_of_n_expectation(selection_scores: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """``(P,)`` expected ``values`` of the completion that best-of-n picks by ``selection_scores``, per prompt.
+
+    Args:
+        selection_scores: ``(P, N)`` scores the sampler ranks by (e.g. a proxy reward model), N draws per prompt.
+        values: ``(P, N)`` what to report of the picked completion (e.g. the gold score, or the proxy itself).
+        n: the best-of-n budget, ``1 <= n <= N``.
+
+    Ties in ``selection_scores`` go to the later draw (a stable ascending sort), as in :meth:`BestOfNResult.best`.
+    """
+    if selection_scores.shape != values.shape or selection_scores.dim() != 2:
+        raise ValueError(f"selection_scores and values must both be (P, N); got {tuple(selection_scores.shape)} "
+                         f"and {tuple(values.shape)}")
+    order = torch.sort(selection_scores.double(), dim=1, stable=True).indices  # ascending
+    sorted_values = torch.gather(values.double(), 1, order)
+    return sorted_values @ best_of_n_weights(selection_scores.shape[1], n)
+
+
+@dataclass
+class BestOfNResult:
+    """Output of :func:`best_of_n`.
+
+    Fields:
+        rows: one dict per (selector, n): ``selector``, ``n``, ``kl_bon`` (analytic KL, nats),
+            ``sqrt_kl``, and for every metric ``m`` of the samples its expected value at the picked
+            completion (mean over prompts) ``m`` and the standard error over prompts ``m_se``.
+        samples: the ``P * N`` scored samples of :func:`evaluate_policy` (every metric per sample).
+        scores: ``{selector: (P, N) tensor}``, each selector's scores as a grid (prompt, draw).
+    """
+
+    rows: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+    scores: dict[str, torch.Tensor]
+
+    def best(self, selector: str, n: int | None = None) -> list[dict[str, Any]]:
+        """The sample each prompt's best-of-n picks by ``selector`` among its first ``n`` draws (default all);
+        ties go to the later draw."""
+        grid = self.scores[selector]
+        n = grid.shape[1] if n is None else n
+        # the last of the stably sorted draws: ties go to the later draw, as in best_of_n_expectation
+        picked = torch.sort(grid[:, :n], dim=1, stable=True).indices[:, -1]
+        return [self.samples[p * grid.shape[1] + int(j)] for p, j in enumerate(picked)]
+
+
+def best_of_n(
+    policy: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    selectors: Mapping[str, Any],
+    scorers: Mapping[str, Any] | Sequence[str] | None = None,
+    ns: Sequence[int] | None = None,
+    num_samples: int | None = None,
+    **sampling: Any,
+) -> BestOfNResult:
+    """Best-of-n sampling, evaluated: draw ``N`` completions per prompt once and, for every selection source
+    and every ``n`` in ``ns``, report the expected score of the completion best-of-n picks.
+
+    Args:
+        policy / tokenizer / prompts: as :func:`evaluate_policy`.
+        selectors: ``{name: scorer}`` ranking the draws (a ``RewardSource`` such as a proxy reward model or an
+            ensemble, a ``(prompt, completion) -> float`` function, or a ``"module:attr"`` path). Their
+            scores are metrics ``score/<name>`` (and reported at the picked completion too, e.g. to show the
+            proxy rising with n); a dict ``scorers`` must use other names.
+        scorers: what to report of the picked completion: gold objective names (``["sentiment"]`` ->
+            ``gold/sentiment``) or a dict (-> ``score/<key>``), as in :func:`evaluate_policy`.
+        ns: the budgets to report (default: the powers of two up to ``N``, and ``N``); each ``1 <= n <= N``.
+        num_samples: ``N``, draws per prompt (default ``max(ns)``).
+        **sampling: ``max_new_tokens``, ``temperature``, ``batch_size``, ``seed``, ... of :func:`evaluate_policy`.
+            No ``reference``: the KL of best-of-n is the analytic :func:`best_of_n_kl`.
+
+    Every ``n`` is estimated from the same ``N`` draws with :func:`best_of_n_expectation` (exact expectation
+    over ``n``-subsets), so the curves over ``n`` are smooth and a larger ``n`` costs no extra sampling.
+    """
+    if not selectors:
+        raise ValueError("best_of_n needs at least one selector (the reward source best-of-n ranks by)")
+    if "reference" in sampling:
+        raise ValueError("best_of_n reports the analytic KL of best-of-n; it takes no reference")
+    if num_samples is None:
+        if not ns:
+            raise ValueError("give ns or num_samples")
+        num_samples = max(ns)
+    ns = sorted(set(ns)) if ns else sorted({2**k for k in range(int(math.log2(num_samples)) + 1)} | {num_samples})
+    if ns[0] < 1 or ns[-1] > num_samples:
+        raise ValueError(f"every n must be in [1, num_samples={num_samples}], got {ns}")
+    if isinstance(scorers, Mapping):
+        clash = set(scorers) & set(selectors)
+        if clash:
+            raise ValueError(f"names {sorted(clash)} are both selectors and scorers; use distinct names")
+        report = dict(scorers)
+    else:
+        report = {}
+    all_scorers: dict[str, Any] = {**dict(selectors), **report}
+    result = evaluate_policy(policy, tokenizer, prompts, scorers=all_scorers, num_samples=num_samples, **sampling)
+    metrics = [f"score/{name}" for name in all_scorers]
+    if scorers is not None and not isinstance(scorers, Mapping):  # gold objective names, scored on the same draws
+        from rlhf_lightning.rewards.gold import GoldRewardSource
+
+        texts = ([s["prompt"] for s in result.samples], [s["completion"] for s in result.samples])
+        for name in scorers:
+            values = GoldRewardSource(name)(*texts).tolist()
+            for sample, value in zip(result.samples, values):
+                sample[f"gold/{name}"] = float(value)
+            metrics.append(f"gold/{name}")
+    metrics += ["length"]
+    num_prompts = len(prompts)
+    grids = {m: torch.tensor([s[m] for s in result.samples], dtype=torch.float64).view(num_prompts, num_samples) for m in metrics}
+    selection = {name: grids[f"score/{name}"] for name in selectors}
+    return BestOfNResult(rows=best_of_n_rows(selection, grids, ns), samples=result.samples, scores=selection)
+
+
+def best_of_n_rows(selection: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], ns: Sequence[int]
+                   ) -> list[dict[str, Any]]:
+    """The rows of :class:`BestOfNResult` from score grids: for every selector (``{name: (P, N)}`` scores to
+    rank by) and every ``n``, the analytic KL and the mean over prompts (and its standard error) of every
+    ``values`` grid (``{metric: (P, N)}``) at the picked completion. Lets a study rank the same draws by
+    scores it combines afterwards (e.g. ensembles of reward models scored once) without sampling again."""
+    rows: list[dict[str, Any]] = []
+    for name, grid in selection.items():
+        for n in ns:
+            kl = best_of_n_kl(n)
+            row: dict[str, Any] = {"selector": name, "n": n, "kl_bon": kl, "sqrt_kl": math.sqrt(kl)}
+            for metric, value_grid in values.items():
+                per_prompt = best_of_n_expectation(grid, value_grid, n)  # (P,)
+                num_prompts = per_prompt.numel()
+                row[metric] = float(per_prompt.mean())
+                row[f"{metric}_se"] = float(per_prompt.std(unbiased=True) / math.sqrt(num_prompts)) if num_prompts > 1 else math.nan
+            rows.append(row)
+    return rows

@@ -35,6 +35,7 @@ always set explicitly by the caller: right for training batches, left for genera
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from typing import Any, Mapping, Sequence, Union
@@ -76,6 +77,7 @@ __all__ = [
     "prepare_trainable",
     "is_reward_model_dir",
     "build_value_model",
+    "check_tokenizer_fits_model",
 ]
 
 # ``peft:`` as YAML / CLI give it: keyword arguments of ``peft.LoraConfig`` (None: full fine-tuning).
@@ -94,6 +96,33 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16 or auto.")
     return resolved
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when ``name`` can only be a local path, not a Hub id ``[org/]name``: it starts with ``/``,
+    ``./``, ``../`` or ``~``, or has more than one ``/``."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", ".."):
+        return True
+    return len(name.replace("\\", "/").split("/")) > 2
+
+
+def check_local_path(spec: Any, what: str = "model") -> None:
+    """``FileNotFoundError`` "path does not exist" for a string spec that is a local path and is missing
+    (instead of the Hub-id validation error ``from_pretrained`` would give)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return
+    name = os.fspath(spec)
+    if os.path.exists(name) or not looks_like_local_path(name):
+        return
+    raise FileNotFoundError(
+        f"{what} path does not exist: {name} (resolved to {os.path.abspath(os.path.expanduser(name))}). "
+        "Check the path; a model trained by an earlier stage is exported to <run_dir>/hf/final."
+    )
 
 
 def load_tokenizer(
@@ -117,9 +146,20 @@ def load_tokenizer(
 
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(name_or_path), trust_remote_code=trust_remote_code, revision=revision
-    )
+    check_local_path(name_or_path, "tokenizer")
+    if os.path.isdir(os.fspath(name_or_path)) and not any(
+        os.path.exists(os.path.join(os.fspath(name_or_path), name)) for name in _TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{os.fspath(name_or_path)} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}). Point "
+            "`tokenizer:` (model.init_args.tokenizer, and data.init_args.tokenizer if set) at the folder or Hub name "
+            "of the tokenizer, or save the tokenizer into this folder (tokenizer.save_pretrained(...))."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as error:
+        raise_if_missing_local_folder(str(name_or_path), error, "tokenizer")
+        raise
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -149,6 +189,8 @@ def build_config(spec: Mapping[str, Any], tokenizer=None, **overrides: Any):
             if value is not None:
                 spec.setdefault(name, value)
     spec.update(overrides)
+    if tokenizer is not None and isinstance(spec.get("vocab_size"), int):
+        _check_special_ids(tokenizer, spec["vocab_size"], f"the inline {model_type!r} config")
     return AutoConfig.for_model(model_type, **spec)
 
 
@@ -198,6 +240,7 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         return model
+    check_local_path(spec, "model")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -206,11 +249,13 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
         return _load_adapter_dir(auto_class, str(spec), kwargs)
     try:
         return auto_class.from_pretrained(str(spec), **kwargs)
-    except ValueError:
-        # transformers' "Unrecognized configuration class" for a T5 / BART checkpoint: say why instead.
-        from transformers import AutoConfig
+    except (OSError, ValueError) as error:
+        raise_if_missing_local_folder(str(spec), error, "model")
+        if isinstance(error, ValueError):
+            # transformers' "Unrecognized configuration class" for a T5 / BART checkpoint: say why instead.
+            from transformers import AutoConfig
 
-        check_causal_lm_config(AutoConfig.from_pretrained(str(spec), trust_remote_code=trust_remote_code), spec)
+            check_causal_lm_config(AutoConfig.from_pretrained(str(spec), trust_remote_code=trust_remote_code), spec)
         raise
 
 
@@ -226,6 +271,17 @@ def _load_adapter_dir(auto_class, path: str, kwargs: dict[str, Any]):
     )
     kwargs = {k: v for k, v in kwargs.items() if k != "revision" or v is not None}
     return peft_class.from_pretrained(path, **kwargs).merge_and_unload()
+
+
+def raise_if_missing_local_folder(name: str, error: BaseException, what: str) -> None:
+    """``outputs/sft`` is a valid Hub id too: when loading it failed and its first part is a local folder,
+    raise ``FileNotFoundError`` saying which path is missing (instead of the Hub error)."""
+    first = name.replace("\\", "/").split("/")[0]
+    if not os.path.exists(name) and "/" in name and os.path.isdir(first):
+        raise FileNotFoundError(
+            f"{what} path does not exist: {name} (the folder {first}/ exists but has no {name[len(first) + 1:]}; "
+            f"loading it as a Hub id failed too: {type(error).__name__})"
+        ) from error
 
 
 def load_causal_lm(
@@ -250,6 +306,7 @@ def load_causal_lm(
     check_causal_lm_config(getattr(model, "config", None), spec)
     if tokenizer is not None and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_tokenizer_fits_model(model, tokenizer, spec)
     return model
 
 
@@ -296,7 +353,44 @@ def load_reward_model(
     check_causal_lm_config(getattr(model, "config", None), spec)
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_tokenizer_fits_model(model, tokenizer, spec)
     return model
+
+
+def check_tokenizer_fits_model(model: nn.Module, tokenizer, spec: Any = None) -> None:
+    """Raise a clear ``ValueError`` at load time when a special token id of ``tokenizer`` (pad, EOS, BOS)
+    has no row in the model's input embeddings — otherwise the first padded batch fails with an
+    ``IndexError`` deep inside the embedding lookup. A tokenizer with more tokens than the model has
+    rows (added tokens, no resize) is warned about: only text that uses those tokens would fail."""
+    if tokenizer is None:
+        return
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    _check_special_ids(tokenizer, rows, f"model {spec!s}" if isinstance(spec, (str, os.PathLike)) else "the model")
+
+
+def _check_special_ids(tokenizer, rows: int, where: str) -> None:
+    fix = (
+        "Resize the model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it, or use a "
+        "token the model knows as pad (tokenizer.pad_token = tokenizer.eos_token)."
+    )
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int) and value >= rows:
+            token = getattr(tokenizer, name.replace("_id", ""), None)
+            raise ValueError(
+                f"The tokenizer's {name} = {value} ({token!r}) is outside the vocabulary of {where}, which has "
+                f"{rows} embedding rows (ids 0..{rows - 1}). {fix}"
+            )
+    if len(tokenizer) > rows:
+        logging.getLogger(__name__).warning(
+            "The tokenizer has %d tokens but %s has only %d embedding rows: text that tokenizes to ids %d..%d "
+            "will fail inside the embedding lookup. %s", len(tokenizer), where, rows, rows, len(tokenizer) - 1, fix
+        )
 
 
 def _load_soup_spec(spec: Mapping[str, Any], loader, *, tokenizer=None, dtype=None) -> nn.Module:
@@ -381,8 +475,26 @@ class CausalLMWithValueHead(nn.Module):
         return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
 
     def forward(self, input_ids, attention_mask, position_ids=None):
-        hidden = self._hidden(input_ids, attention_mask, position_ids)
-        logits = self.pretrained_model.get_output_embeddings()(hidden)
+        """One forward of the whole causal LM, so the logits are exactly the model's own: any
+        post-processing it applies after the LM head (Gemma-2/3 ``final_logit_softcapping``, Cohere's
+        ``logit_scale``, Granite's ``logits_scaling``, ...) is kept, and the KL to an identical reference
+        is 0. The value head reads the hidden state the LM head receives (captured by a forward pre-hook).
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+        captured: list[torch.Tensor] = []
+
+        def capture(_module, args):
+            captured.append(args[0])
+
+        handle = self.pretrained_model.get_output_embeddings().register_forward_pre_hook(capture)
+        try:
+            logits = self.pretrained_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
+        finally:
+            handle.remove()
+        hidden = captured[-1]
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
         return logits, values.float()
 

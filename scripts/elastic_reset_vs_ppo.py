@@ -15,6 +15,12 @@ on fixed held-out prompts every ``--eval-every`` rollouts (after any reset of th
     python scripts/elastic_reset_vs_ppo.py --seeds 0 1 --steps 120 --eval-every 10 --out /tmp/er
     python scripts/elastic_reset_vs_ppo.py --reset-every 30 --decay 0.96     # another schedule
     python scripts/elastic_reset_vs_ppo.py --merge /tmp/er_seed0 /tmp/er_seed1 --out /tmp/er   # seeds run apart
+    python scripts/elastic_reset_vs_ppo.py --reward-model runs/overopt/proxies/n250_s_seed0/hf/final \
+        --override=--model.init_args.reward_transform.init_args.normalize=scale   # against a learned proxy
+
+With ``--reward-model`` both arms optimise that reward model (a proxy) instead of the config's reward, and
+every evaluation also scores the samples with it (column ``proxy``), so over-optimisation shows as the
+proxy rising while gold falls.
 """
 
 from __future__ import annotations
@@ -117,7 +123,12 @@ def plot(curves: dict[str, list[list[dict]]], path: str, objective: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    with_proxy = any("proxy" in rows[0] for runs in curves.values() for rows in runs)
+    fig, axes = plt.subplots(1, 4 if with_proxy else 3, figsize=(16 if with_proxy else 12, 3.6))
+    if with_proxy:  # the score the runs optimise (a learned proxy), next to gold
+        plot_mean_and_seeds(axes[3], curves, "proxy")
+        axes[3].set(xlabel="rollouts", ylabel="proxy reward model score", title="Proxy (what PPO optimises)")
+        axes[3].legend(fontsize=8)
     plot_mean_and_seeds(axes[0], curves, "gold")
     plot_mean_and_seeds(axes[1], curves, "kl_to_reference")
     for i, runs in enumerate(curves.values()):
@@ -144,13 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objective", default="sentiment", choices=list(GOLD_OBJECTIVES), help="the 'gold' column")
     parser.add_argument("--decay", type=float, default=None, help="override the config's EMA decay")
     parser.add_argument("--reset-every", type=int, default=None, help="override the config's reset interval (rollouts)")
+    parser.add_argument("--reward-model", default=None,
+                        help="optimise this reward model export (e.g. a proxy) instead of the config's reward; "
+                             "evaluations log its score as 'proxy'")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    proxy = None
+    if args.reward_model and not args.merge:
+        from rlhf_lightning.rewards import RewardModelSource
+
+        proxy = RewardModelSource(args.reward_model, batch_size=256, name="proxy")
 
     def fit_one(variant: str, seed: int, curve: GoldCurve) -> None:
-        fit_config(args.config, study_overrides(args, variant, seed), curve, edit_callbacks=edit_callbacks(args, variant))
+        fit_config(args.config, study_overrides(args, variant, seed), curve, edit_callbacks=edit_callbacks(args, variant),
+                   on_module=(lambda module: setattr(module, "reward_fn", proxy)) if proxy is not None else None)
 
-    eval_rows, train_rows = run_study(args, fit_one, weights={args.objective: 1.0})
+    eval_rows, train_rows = run_study(args, fit_one, weights={args.objective: 1.0},
+                                      scorers={"proxy": proxy} if proxy is not None else None)
     variants = [v for v in args.variants if any(r["variant"] == v for r in eval_rows)]
     curves, seeds = group_runs(eval_rows, variants)
 

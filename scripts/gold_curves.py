@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import lightning as L
 
 from rlhf_lightning.evaluation import evaluate_policy
+from rlhf_lightning.rewards import GoldRewardSource
 from rlhf_lightning.synthetic import GOLD_OBJECTIVES
 
 __all__ = [
@@ -54,6 +55,7 @@ class GoldCurve(L.Callback):
         max_new_tokens: int = 48,
         eval_seed: int = 1234,
         batch_size: int = 64,
+        scorers: dict[str, Any] | None = None,
     ) -> None:
         """Evaluate the policy with the gold scorers during fit.
 
@@ -65,6 +67,8 @@ class GoldCurve(L.Callback):
             max_new_tokens: sampling length of the evaluation.
             eval_seed: sampling seed of every evaluation (the same noise at each step and in each run).
             batch_size: prompts per generation batch.
+            scorers: extra ``{column: scorer}`` scored on the same samples (e.g. the proxy reward model a
+                run optimises), as :func:`~rlhf_lightning.evaluation.evaluate_policy`'s dict scorers.
         """
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -79,6 +83,10 @@ class GoldCurve(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.eval_seed = eval_seed
         self.batch_size = batch_size
+        self.scorers = dict(scorers or {})
+        clash = set(self.scorers) & {*GOLD_OBJECTIVES, "gold", "step", "kl_to_reference", "response_length", "train_time_s"}
+        if clash:
+            raise ValueError(f"extra scorer names {sorted(clash)} clash with GoldCurve's own columns")
         self.rows: list[dict[str, float]] = []  # one per evaluation
         self.train_rows: list[dict[str, float]] = []  # one per rollout
         self._train_time = 0.0  # wall seconds of training, evaluations excluded
@@ -86,12 +94,14 @@ class GoldCurve(L.Callback):
 
     def evaluate(self, module: L.LightningModule, step: int) -> dict[str, float]:
         """Gold scores and KL to ``module.reference`` of the current policy; appends and returns the row."""
+        scorers = {name: GoldRewardSource(name) for name in GOLD_OBJECTIVES}
         result = evaluate_policy(
-            module.policy, module.tokenizer, self.prompts, scorers=list(GOLD_OBJECTIVES), reference=module.reference,
+            module.policy, module.tokenizer, self.prompts, scorers={**scorers, **self.scorers}, reference=module.reference,
             max_new_tokens=self.max_new_tokens, temperature=1.0, do_sample=True, batch_size=self.batch_size,
             seed=self.eval_seed,
         )
-        row = {"step": step, **{name: float(result.metrics[f"gold/{name}"]) for name in GOLD_OBJECTIVES}}
+        row = {"step": step, **{name: float(result.metrics[f"score/{name}"]) for name in GOLD_OBJECTIVES}}
+        row.update({name: float(result.metrics[f"score/{name}"]) for name in self.scorers})
         row["gold"] = sum(w * row[name] for name, w in self.weights.items())
         row["kl_to_reference"] = float(result.metrics.get("kl_to_reference", math.nan))
         row["response_length"] = float(result.metrics["response_length"])
@@ -294,11 +304,12 @@ def study_overrides(args, variant: str, seed: int) -> list[str]:
     ]
 
 
-def run_study(args, fit_one: Callable[[str, int, GoldCurve], None], *, weights: dict[str, float] | None = None
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def run_study(args, fit_one: Callable[[str, int, GoldCurve], None], *, weights: dict[str, float] | None = None,
+              scorers: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (seed, variant) run, or with ``--merge`` the rows of earlier runs: ``(eval_rows, train_rows)``,
     each row tagged with ``variant`` and ``seed``. ``fit_one(variant, seed, curve)`` trains one run with
-    ``curve`` (a :class:`GoldCurve` on the evaluation prompts, gold ``weights`` if given) attached."""
+    ``curve`` (a :class:`GoldCurve` on the evaluation prompts, gold ``weights`` and extra ``scorers`` if given)
+    attached."""
     if args.merge:
         return read_runs(args.merge, "curves.csv"), read_runs(args.merge, "train.csv")
     eval_prompts = read_prompts(args.eval_prompts, args.num_eval_prompts)
@@ -306,7 +317,8 @@ def run_study(args, fit_one: Callable[[str, int, GoldCurve], None], *, weights: 
     train_rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for variant in args.variants:
-            curve = GoldCurve(eval_prompts, args.eval_every, weights=weights, max_new_tokens=args.max_new_tokens or 48)
+            curve = GoldCurve(eval_prompts, args.eval_every, weights=weights, max_new_tokens=args.max_new_tokens or 48,
+                              scorers=scorers)
             started = time.perf_counter()
             print(f"[{variant} seed {seed}] {args.steps} rollouts", flush=True)
             fit_one(variant, seed, curve)

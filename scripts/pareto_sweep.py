@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="MODPO pairs per step (default: the config's)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per evaluation (default 100)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="sampled tokens per completion (default 48)")
+    parser.add_argument("--margin-rm-init", default=None, metavar="DIR",
+                        help="initialise the margin reward model from this causal LM (e.g. the SFT policy) "
+                             "instead of the config's small model trained from scratch")
+    parser.add_argument("--margin-rm-lr", type=float, default=None, help="margin reward model learning rate")
     parser.add_argument("--seed", type=int, default=0, help="training and sampling seed")
     parser.add_argument("--quick", action="store_true", help=f"short settings for smoke runs / CPU: {QUICK}")
     parser.add_argument("--force", action="store_true", help="retrain the MODPO stages even when their exports exist")
@@ -86,6 +90,18 @@ def prepare_base(args: argparse.Namespace, run_dir: Path) -> tuple[Path, Path]:
     return world, sft
 
 
+def timed_fit_stage(config, stage_dir: Path, overrides: list[str], *, force: bool = False) -> tuple[Path, float]:
+    """``fit_stage`` that keeps the training wall time in ``<stage_dir>/train_time_s.txt``, read back when the
+    stage is reused (NaN if an older run left no record)."""
+    timing = Path(stage_dir) / "train_time_s.txt"
+    trained = force or not (stage_export_dir(stage_dir) / "config.json").exists()
+    started = time.perf_counter()
+    export = fit_stage(config, stage_dir, overrides, force=force, quiet=True)
+    if trained:
+        timing.write_text(f"{time.perf_counter() - started:.1f}\n")
+    return export, float(timing.read_text()) if timing.exists() else float("nan")
+
+
 def data_overrides(world: Path, objective: str) -> list[str]:
     return [f"--data.init_args.train_file={world}/pairs_{objective}_train.jsonl",
             f"--data.init_args.val_file={world}/pairs_{objective}_val.jsonl"]
@@ -103,12 +119,16 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                     *data_overrides(world, MARGIN)]
     if args.rm_steps:
         rm_overrides += [f"--trainer.max_steps={args.rm_steps}", f"--trainer.val_check_interval={args.rm_steps}"]
-    fit_stage(materialize_config("modpo_margin_rm.yaml", run_dir), run_dir / "modpo_margin_rm", rm_overrides, quiet=True)
+    if args.margin_rm_init:
+        rm_overrides.append(f"--model.init_args.model={args.margin_rm_init}")
+    if args.margin_rm_lr:
+        rm_overrides.append(f"--model.init_args.optim.lr={args.margin_rm_lr}")
+    timed_fit_stage(materialize_config("modpo_margin_rm.yaml", run_dir), run_dir / "modpo_margin_rm", rm_overrides)
     print(f"[pareto] margin RM ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
     # ---- stage 2: one MODPO run per weighting ----------------------------------------------------------
     config = materialize_config("modpo.yaml", run_dir)  # margin source -> <run-dir>/modpo_margin_rm/hf/final
-    policies = [("SFT", None, sft)]
+    policies = [("SFT", None, sft, 0.0)]
     for weight in args.weights:
         overrides = [f"--seed_everything={args.seed}", f"--model.init_args.model={sft}", *data_overrides(world, OBJECTIVE),
                      f"--model.init_args.weights=[{weight}, {round(1.0 - weight, 6)}]"]
@@ -120,19 +140,20 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         if args.batch_size:
             overrides.append(f"--data.init_args.batch_size={args.batch_size}")
         started = time.perf_counter()
-        export = fit_stage(config, run_dir / stage_name(weight), overrides, force=args.force, quiet=True)
+        export, train_s = timed_fit_stage(config, run_dir / stage_name(weight), overrides, force=args.force)
         print(f"[pareto] w_{OBJECTIVE}={weight:.2f}: {export} ({time.perf_counter() - started:.0f} s)", flush=True)
-        policies.append((f"MODPO w={weight:.2f}", weight, export))
+        policies.append((f"MODPO w={weight:.2f}", weight, export, train_s))
 
     # ---- evaluate: gold score of every objective on held-out prompts ------------------------------------
     rows = []
-    for label, weight, policy_dir in policies:
+    for label, weight, policy_dir, train_s in policies:
         result = evaluate_run(policy_dir, sft, world / "prompts_eval.jsonl", num_prompts=args.eval_prompts,
                               max_new_tokens=args.max_new_tokens, seed=args.seed)
         row = {"policy": label, f"w_{OBJECTIVE}": "" if weight is None else weight,
                f"w_{MARGIN}": "" if weight is None else round(1.0 - weight, 6)}
         row.update({key: float(value) for key, value in result.metrics.items()
                     if key.startswith("gold/") or key in ("kl_to_reference", "response_length")})
+        row["train_s"] = train_s  # training wall seconds of this policy (MODPO stage 2; NaN if not recorded)
         rows.append(row)
         print(f"[pareto] {label}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
     write_results(rows, run_dir)

@@ -242,6 +242,32 @@ def test_elastic_reset_vs_ppo_script_removes_or_reschedules_the_callback(tmp_pat
         edit([Fake()])
 
 
+def test_elastic_reset_vs_ppo_script_optimises_a_given_reward_model(tmp_path, tokenizer_dir, assets_dir, tiny_config,
+                                                                    monkeypatch):
+    """--reward-model: both arms optimise that reward model and every evaluation logs its score as 'proxy'. A stand-in
+    source scoring every completion 7.0 shows it is that source, not the config's gold scorer, that PPO sees."""
+    import torch
+
+    import rlhf_lightning.rewards
+
+    class Constant:
+        def __init__(self, model, **kwargs):
+            self.model_path, self.name = model, kwargs.get("name", "reward_model")
+
+        def __call__(self, prompts, completions, **kwargs):
+            return torch.full((len(prompts),), 7.0)
+
+    monkeypatch.setattr(rlhf_lightning.rewards, "RewardModelSource", Constant)
+    script = _script("elastic_reset_vs_ppo")
+    argv = _script_args(tmp_path, tokenizer_dir, assets_dir, tiny_config) + [
+        "--reset-every", "1", "--reward-model", "some/proxy", "--steps", "1"]
+    assert script.main(argv) == 0
+    curves = _read_csv(tmp_path / "out" / "curves.csv")
+    assert {r["variant"] for r in curves} == {"ppo", "elastic_reset"} and {float(r["proxy"]) for r in curves} == {7.0}
+    train = _read_csv(tmp_path / "out" / "train.csv")
+    assert {float(r["reward/raw"]) for r in train} == {7.0}
+
+
 def test_curve_helpers_by_hand(tmp_path):
     curves = _script("gold_curves")
     rows_a = [{"step": 0, "gold": 0.1}, {"step": 5, "gold": 0.4}, {"step": 10, "gold": 0.9}]

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from rlhf_lightning.logprobs import position_ids_from_attention_mask
 from rlhf_lightning.models import (
     CausalLMWithValueHead,
     build_config,
@@ -207,3 +208,54 @@ def test_soup_reference_from_yaml(two_checkpoints, tmp_path, assets_dir):
     cli = cli_main(["--config", config, "--config", str(override), f"--run_dir={tmp_path / 'run'}"], run=False)
     assert_is_mix(cli.model.reference, state_a, state_b, 0.5)
     assert_is_mix(cli.model.policy, state_a, state_b, 1.0)
+
+
+# Architectures that post-process the LM head's output: the value-head path must keep it, or PPO's KL
+# to an identical reference is not 0 (Gemma-2 final_logit_softcapping was skipped).
+_POSTPROCESSING_CONFIGS = {
+    "gemma2": {"model_type": "gemma2", "final_logit_softcapping": 0.5, "head_dim": 8, "query_pre_attn_scalar": 8},
+    "cohere": {"model_type": "cohere", "logit_scale": 0.25},
+    "granite": {"model_type": "granite", "logits_scaling": 4.0},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_POSTPROCESSING_CONFIGS))
+def test_value_head_path_keeps_logit_postprocessing_so_kl_to_identical_reference_is_zero(arch, tokenizer, tiny_config):
+    import copy
+
+    from rlhf_lightning.logprobs import token_logprobs
+    from rlhf_lightning.losses import kl_penalty
+
+    config = {k: v for k, v in tiny_config.items() if k != "model_type"}
+    config.update(_POSTPROCESSING_CONFIGS[arch])
+    torch.manual_seed(0)
+    with_value = CausalLMWithValueHead(config, tokenizer=tokenizer).eval()
+    reference = copy.deepcopy(with_value.pretrained_model).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 13], [2, 13, 14, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        logits, values = with_value(ids, mask)
+        ref_logits = reference(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask)).logits
+    labels = ids[:, 1:]
+    kl = kl_penalty(token_logprobs(logits[:, :-1], labels), token_logprobs(ref_logits[:, :-1], labels), kind="k1")
+    assert kl.abs().max().item() < 1e-6
+    torch.testing.assert_close(values, with_value.values(ids, mask), atol=1e-6, rtol=0)
+
+
+def test_pad_id_outside_the_vocabulary_is_a_clear_error_at_load_time(tokenizer_dir, tiny_config, tmp_path):
+    """A tokenizer whose added pad token has id >= the model's vocabulary size used to pass loading and
+    fail with an IndexError inside the embedding lookup of the first padded batch."""
+    from rlhf_lightning.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = len(tok)
+    tok.add_special_tokens({"pad_token": "<extra_pad>"})
+    assert tok.pad_token_id == vocab
+    with pytest.raises(ValueError, match=rf"pad_token_id = {vocab} \('<extra_pad>'\) is outside the vocabulary .* {vocab} embedding rows"):
+        load_causal_lm({**tiny_config, "vocab_size": vocab}, tokenizer=tok)
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        load_reward_model({**tiny_config, "vocab_size": vocab}, tokenizer=tok)
+    load_causal_lm({**tiny_config, "vocab_size": vocab + 1}, tokenizer=tok)  # a row for it: fine
+    load_causal_lm(tiny_config, tokenizer=load_tokenizer(tokenizer_dir)).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=rf"pad_token_id = {vocab} .* outside the vocabulary of model .*saved"):
+        load_causal_lm(str(tmp_path / "saved"), tokenizer=tok)

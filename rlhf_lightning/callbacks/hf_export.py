@@ -14,19 +14,34 @@ from typing_extensions import override
 
 from rlhf_lightning.models import is_peft_model, merged_copy
 
-__all__ = ["HFExport", "save_hf_directory"]
+__all__ = ["HFExport", "save_hf_directory", "NonFiniteWeightsError"]
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """An export was refused because the weights hold NaN or inf."""
 
 
 def save_hf_directory(model: torch.nn.Module, tokenizer, dirpath: str, *, state_dict: dict | None = None) -> str:
     """``save_pretrained`` into ``dirpath`` atomically: a crash never leaves a half-written export.
 
     The export is written to a sibling temporary directory and renamed into place; a previous export
-    at ``dirpath`` is replaced only once the new one is complete.
+    at ``dirpath`` is replaced only once the new one is complete. Weights holding NaN or inf are never
+    written (:class:`NonFiniteWeightsError`; a previous export stays as it was). The folder gets the
+    permissions the process umask gives, like any folder the user creates.
     """
     dirpath = os.path.abspath(dirpath)
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    bad = next((name for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        kept = f"the previous export at {dirpath} is kept" if os.path.isdir(dirpath) else f"nothing was written to {dirpath}"
+        raise NonFiniteWeightsError(f"Refusing to export non-finite weights (NaN/inf in {bad!r}): {kept}.")
     parent = os.path.dirname(dirpath)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    # mkdtemp creates the folder 0o700; an export is a normal folder: the permissions the umask gives.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:

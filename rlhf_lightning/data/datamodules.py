@@ -9,12 +9,15 @@ Tokenizer resolution, first that applies: an object set with ``set_tokenizer()``
 ``tokenizer`` attribute (every rlhf-lightning module has one), so a YAML config names it only once.
 
 Under DDP every rank tokenizes the same data (deterministically). With ``cache_dir`` set, ``prepare_data``
-(run once per node) writes the cache and the ranks' ``setup`` read it. Lightning swaps in a
-``DistributedSampler`` itself: the DataLoaders here use the default sampler for that reason.
+(run once per node) writes the cache and the ranks' ``setup`` read it. On one process the training order
+is a :class:`~rlhf_lightning.data.sampler.ResumableSampler` keyed by ``(seed, epoch)`` whose position is
+saved in checkpoints (``state_dict``), so a resumed run continues with the very next batch; under DDP
+Lightning swaps in a ``DistributedSampler`` itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, ClassVar
 
@@ -24,9 +27,13 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.collators import DemonstrationCollator, PreferenceCollator, PromptCollator
 from rlhf_lightning.data.records import RecordSource
+from rlhf_lightning.data.samplers import LengthGroupedSampler, example_lengths
+from rlhf_lightning.data.sampler import ResumableSampler
 from rlhf_lightning.data.tokenization import TokenizeConfig, TokenizedData, TokenizedDataset, Truncation, load_tokenized
 
 __all__ = ["RLHFDataModule", "DemonstrationDataModule", "PreferenceDataModule", "PromptDataModule"]
+
+log = logging.getLogger(__name__)
 
 
 class RLHFDataModule(L.LightningDataModule):
@@ -54,6 +61,11 @@ class RLHFDataModule(L.LightningDataModule):
         dataset: Any = None,
         val_dataset: Any = None,
         limit_train_records: int | None = None,
+        group_by_length: bool = False,
+        min_completion_tokens: int = 4,
+        drop_short_completions: bool = False,
+        drop_identical_pairs: bool = False,
+        max_unknown_rate: float = 0.01,
         test_file: str | None = None,
         test_dataset: Any = None,
     ):
@@ -84,6 +96,16 @@ class RLHFDataModule(L.LightningDataModule):
                 ``datasets.Dataset`` or a list of dicts.
             val_dataset: validation records in memory instead of ``val_file``.
             limit_train_records: keep only the first N training records (after the split) for short runs.
+            group_by_length: shuffled training batches of similar lengths (sorted within shuffled
+                windows of 50 batches, :class:`~rlhf_lightning.data.samplers.LengthGroupedSampler`, as
+                resumable as the default order): less padding for modules run with ``padding_free: false``.
+                Single process only: under data parallelism Lightning's ``DistributedSampler`` orders the data.
+            min_completion_tokens: records whose completion truncation cuts below this many tokens are
+                counted and warned about (once, with the count).
+            drop_short_completions: drop those records instead.
+            drop_identical_pairs: drop preference pairs whose chosen and rejected tokens are identical
+                (they are always counted and warned about).
+            max_unknown_rate: warn when more than this share of the tokens is the tokenizer's unknown token.
             test_file: JSONL file of test records, for ``rlhf-lightning test`` (``trainer.test``): each
                 module runs its validation step on them and logs ``test/<metric>``.
             test_dataset: test records in memory instead of ``test_file``.
@@ -103,7 +125,15 @@ class RLHFDataModule(L.LightningDataModule):
             raise ValueError(f"limit_train_records must be positive or None, got {limit_train_records}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be positive or None, got {pad_to_multiple_of}")
-        self.tokenize_config = TokenizeConfig(max_length, max_prompt_length, truncation)  # validates the limits
+        self.tokenize_config = TokenizeConfig(  # validates the limits
+            max_length,
+            max_prompt_length,
+            truncation,
+            min_completion_tokens=min_completion_tokens,
+            drop_short_completions=drop_short_completions,
+            drop_identical_pairs=drop_identical_pairs,
+            max_unknown_rate=max_unknown_rate,
+        )
         self.train_file = train_file
         self.val_file = val_file
         self.val_fraction = val_fraction
@@ -117,6 +147,7 @@ class RLHFDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.val_dataset = val_dataset
         self.limit_train_records = limit_train_records
+        self.group_by_length = group_by_length
         self.test_file = test_file
         self.test_dataset = test_dataset
         self.test_set: TokenizedDataset | None = None
@@ -127,6 +158,8 @@ class RLHFDataModule(L.LightningDataModule):
         self.val_set: TokenizedDataset | None = None
         self.num_dropped = 0
         self.score_names: list[str] = []
+        self._train_sampler: ResumableSampler | None = None
+        self._resume_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------------------------------ tokenizer
 
@@ -238,21 +271,86 @@ class RLHFDataModule(L.LightningDataModule):
         """The batch collator (a picklable callable, so ``num_workers > 0`` works)."""
         return self.collator_class(pad_token_id=self._pad_token_id(), pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def _loader(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool, sampler: ResumableSampler | None = None) -> DataLoader:
+        loader_class, extra = (DataLoader, {}) if sampler is None else (ResumableDataLoader, {"state_owner": self})
+        return loader_class(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # The loader's own seed comes from this generator, not from the global RNG (which a resumed
+            # process does not share, and which training code may use).
+            generator=torch.Generator().manual_seed(self.seed),
+            **extra,
         )
 
+    def _distributed(self) -> bool:
+        trainer = self._trainer_or_none()
+        return trainer is not None and trainer.world_size > 1
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def train_dataloader(self) -> DataLoader:
+        """Training batches in the order of :class:`~rlhf_lightning.data.sampler.ResumableSampler` (keyed by
+        ``(seed, epoch)``, resumed at the checkpoint's position). Under data parallelism Lightning's
+        ``DistributedSampler`` (seeded per epoch) orders and shards the data instead."""
         self.load()
         if self.train_set is None:
             raise ValueError(f"{type(self).__name__} has no training data: set train_file or dataset.")
-        return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
+        if self._distributed():
+            self._train_sampler = None
+            return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
+        if self.shuffle and self.group_by_length:
+            lengths = example_lengths(self.train_set.data.features)
+            self._train_sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self._order_seed())
+        else:
+            self._train_sampler = ResumableSampler(len(self.train_set), seed=self._order_seed(), shuffle=self.shuffle)
+        if self._resume_state is not None:
+            self._train_sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
+            self._resume_state = None
+        return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle, sampler=self._train_sampler)
+
+    def _order_seed(self) -> int:
+        """The seed of the training order: this DataModule's ``seed`` combined with the run's global seed
+        (``seed_everything`` / ``seed_everything:`` in YAML), so runs with different seeds see different orders."""
+        return self.seed * 1_000_003 + int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # ------------------------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data order stands: ``(seed, epoch, position)`` — position = the records of
+        this epoch already trained on (Lightning's count of processed batches x ``batch_size``)."""
+        sampler = getattr(self, "_train_sampler", None)
+        trainer = self._trainer_or_none()
+        if sampler is None or trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_sampler": sampler.state(done * self.batch_size) | {"epoch": trainer.current_epoch}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order where the checkpoint left it (applied when the loader is built)."""
+        state = state_dict.get("train_sampler") if state_dict else None
+        if not state:
+            return
+        train_size = len(self.train_set) if self.train_set is not None else state["n"]
+        if state.get("seed") != self._order_seed() or state.get("shuffle") != self.shuffle or state.get("n") != train_size:
+            log.warning(
+                "The checkpoint's data order (seed=%s, shuffle=%s, %s records) differs from this run's (seed=%s, "
+                "shuffle=%s, %s records): the epoch restarts from its first batch in this run's order.",
+                state.get("seed"), state.get("shuffle"), state.get("n"), self._order_seed(), self.shuffle, train_size,
+            )
+            return
+        self._resume_state = {"epoch": int(state["epoch"]), "position": int(state["position"])}
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is not None:
+            sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
 
     def val_dataloader(self) -> DataLoader | list:
         self.load()
@@ -264,6 +362,23 @@ class RLHFDataModule(L.LightningDataModule):
         """The ``test_file`` / ``test_dataset`` records (loaded on first use), in file order."""
         self.load_test()
         return self._loader(self.test_set, self.val_batch_size, shuffle=False)
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader: Lightning sees it as stateful (``state_dict`` / ``load_state_dict``) and keeps
+    its state with the loop state, so a mid-epoch resume is exact even when the loaders are passed to
+    ``fit`` directly; the state is the owning DataModule's (the position of its resumable order)."""
+
+    def __init__(self, *args: Any, state_owner: "RLHFDataModule | None" = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state_owner = state_owner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state_owner.state_dict() if self.state_owner is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.state_owner is not None:
+            self.state_owner.load_state_dict(state_dict)
 
 
 class DemonstrationDataModule(RLHFDataModule):

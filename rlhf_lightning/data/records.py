@@ -18,6 +18,7 @@ sees the same ``prompt`` / ``completion`` strings whatever the input format.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from numbers import Real
@@ -33,6 +34,9 @@ __all__ = [
     "load_records",
     "iter_raw_records",
     "source_name",
+    "CHAT_ROLES",
+    "check_prompt_turns",
+    "is_messages",
 ]
 
 RecordKind = Literal["demonstration", "pair", "prompt"]
@@ -40,6 +44,9 @@ RECORD_KINDS: tuple[str, ...] = ("demonstration", "pair", "prompt")
 
 #: A path to a JSONL file, a list of dicts, or a ``datasets.Dataset`` (any iterable of mappings).
 RecordSource = Union[str, os.PathLike, Sequence[Mapping[str, Any]], Any]
+
+#: Message roles a conversation may use (what chat templates know).
+CHAT_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 # Keys the prompt batch already uses; extra prompt fields may not shadow them.
 _RESERVED_PROMPT_KEYS = frozenset({"prompt_input_ids", "prompt_attention_mask", "index", "prompt_text"})
@@ -115,11 +122,19 @@ def iter_raw_records(source: RecordSource) -> Iterator[tuple[Any, Location]]:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Record file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
+        with open(path, "rb") as handle:
+            for line_number, raw_line in enumerate(handle, start=1):
+                location = Location(name, line=line_number)
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise RecordError(
+                        f"not valid UTF-8 (byte 0x{raw_line[error.start]:02x} at column {error.start + 1}); "
+                        "re-encode the file as UTF-8",
+                        location=location,
+                    ) from None
                 if not line.strip():
                     continue
-                location = Location(name, line=line_number)
                 try:
                     yield json.loads(line), location
                 except json.JSONDecodeError as error:
@@ -160,6 +175,9 @@ def load_records(source: RecordSource, kind: RecordKind, *, tokenizer: Any = Non
             raise RecordError(f"expected a JSON object, got {_type_name(raw)}", location=location)
         records.append(validator(raw, location, tokenizer))
         locations.append(location)
+    if not records:
+        what = "file is empty (nothing but blank lines)" if isinstance(source, (str, os.PathLike)) else "source holds no records"
+        raise RecordError(f"{source_name(source)}: the {what}; expected one JSON object ({kind} record) per line")
     loaded = LoadedRecords(kind=kind, records=records, locations=locations)
     if kind == "pair":
         _check_pair_columns(loaded)
@@ -167,6 +185,11 @@ def load_records(source: RecordSource, kind: RecordKind, *, tokenizer: Any = Non
 
 
 # ---------------------------------------------------------------------------------------------- fields
+
+
+def is_messages(value: Any) -> bool:
+    """True for a conversation: a non-empty list whose items are all mappings (``{role, content}``)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)
 
 
 def _type_name(value: Any) -> str:
@@ -196,6 +219,8 @@ def _string(record: Mapping[str, Any], key: str, location: Location, *, allow_em
 def _number(value: Any, location: Location, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise RecordError(f"expected a number, got {_type_name(value)}", location=location, field=key)
+    if not math.isfinite(value):
+        raise RecordError(f"expected a finite number, got {value}", location=location, field=key)
     return float(value)
 
 
@@ -222,8 +247,25 @@ def _messages(value: Any, location: Location, key: str = "messages") -> list[dic
                 raise RecordError(
                     f"expected a string, got {_type_name(message[part])}", location=location, field=f"{where}.{part}"
                 )
+        if message["role"] not in CHAT_ROLES:
+            hint = " (ShareGPT-style names: map 'human' to 'user' and 'gpt' to 'assistant')" if message["role"] in ("human", "gpt") else ""
+            raise RecordError(
+                f"unknown role {message['role']!r}; expected one of {list(CHAT_ROLES)}{hint}", location=location, field=f"{where}.role"
+            )
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
+
+
+def check_prompt_turns(messages: Sequence[Mapping[str, str]], location: Location, key: str = "messages") -> None:
+    """A conversation's prompt part (every turn the model answers) must hold at least one non-assistant
+    turn: a reply with nothing to reply to is not a training example."""
+    if not any(message["role"] != "assistant" for message in messages):
+        raise RecordError(
+            "the conversation has no prompt turns (no system/user message before the assistant's reply); "
+            "add the user turn the reply answers",
+            location=location,
+            field=key,
+        )
 
 
 # ------------------------------------------------------------------------------------------- chat text
@@ -268,6 +310,7 @@ def _chat_split(tokenizer: Any, messages: list[dict[str, str]], location: Locati
         )
     if not messages[-1]["content"].strip():
         raise RecordError("must be a non-empty string", location=location, field=f"{key}[{len(messages) - 1}].content")
+    check_prompt_turns(messages[:-1], location, key)
     prompt = _render(tokenizer, messages[:-1], location, generation_prompt=True)
     full = _render(tokenizer, messages, location, generation_prompt=False)
     if full.startswith(prompt):
@@ -300,7 +343,15 @@ def _demonstration(raw: Mapping[str, Any], location: Location, tokenizer: Any) -
 
 
 def _pair(raw: Mapping[str, Any], location: Location, tokenizer: Any) -> dict[str, Any]:
-    chat = isinstance(raw.get("prompt"), list) or isinstance(raw.get("chosen"), list) or isinstance(raw.get("rejected"), list)
+    chat = any(is_messages(raw.get(key)) for key in ("prompt", "chosen", "rejected"))
+    if not chat:
+        for key in ("prompt", "chosen", "rejected"):
+            if isinstance(raw.get(key), list):  # a list of strings, numbers, ...: not a conversation either
+                raise RecordError(
+                    f"expected a string (or a list of {{role, content}} messages), got a list of {_type_name(raw[key][0]) if raw[key] else 'nothing'}",
+                    location=location,
+                    field=key,
+                )
     if chat:
         prompt, chosen, rejected = _chat_pair(raw, location, tokenizer)
     else:
@@ -348,6 +399,7 @@ def _prompt(raw: Mapping[str, Any], location: Location, tokenizer: Any) -> dict[
             messages = messages[:-1]
         if not messages:
             raise RecordError("no messages left once the final assistant reply is removed", location=location, field="messages")
+        check_prompt_turns(messages, location)
         prompt = _chat_prompt(tokenizer, messages, location)
     elif isinstance(raw.get("prompt"), list):  # conversational prompt: {"prompt": [messages]}
         prompt = _chat_prompt(tokenizer, _messages(raw["prompt"], location, "prompt"), location)

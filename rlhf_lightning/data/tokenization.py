@@ -26,9 +26,9 @@ from typing import Any, Literal, Sequence
 import torch
 
 from rlhf_lightning.data.cache import cache_key, read_cache, source_fingerprint, tokenizer_fingerprint, write_cache
-from rlhf_lightning.data.records import LoadedRecords, RecordError, RecordSource, is_hf_dataset, load_records
+from rlhf_lightning.data.records import LoadedRecords, RecordError, RecordSource, is_hf_dataset, load_records, source_name
 
-__all__ = ["Truncation", "TRUNCATION_POLICIES", "TokenizeConfig", "TokenizedData", "TokenizedDataset", "tokenize_records", "load_tokenized"]
+__all__ = ["Truncation", "TRUNCATION_POLICIES", "TokenizeConfig", "TokenizedData", "TokenizedDataset", "tokenize_records", "load_tokenized", "warn_about_data"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,21 @@ class TokenizeConfig:
     max_length: int | None = None
     max_prompt_length: int | None = None
     truncation: Truncation = "keep_end"
+    #: A completion cut to fewer tokens than this by truncation is counted and warned about (it teaches
+    #: little, and a pair whose sides are both cut that short is often identical).
+    min_completion_tokens: int = 4
+    #: Drop such records instead of keeping them.
+    drop_short_completions: bool = False
+    #: Drop preference pairs whose chosen and rejected token ids are identical (always counted and warned).
+    drop_identical_pairs: bool = False
+    #: Warn when more than this share of all tokens is the tokenizer's unknown token.
+    max_unknown_rate: float = 0.01
 
     def __post_init__(self) -> None:
+        if not isinstance(self.min_completion_tokens, int) or self.min_completion_tokens < 0:
+            raise ValueError(f"min_completion_tokens must be an int >= 0, got {self.min_completion_tokens!r}")
+        if not 0.0 <= self.max_unknown_rate <= 1.0:
+            raise ValueError(f"max_unknown_rate must be in [0, 1], got {self.max_unknown_rate!r}")
         if self.truncation not in TRUNCATION_POLICIES:
             raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}")
         for name in ("max_length", "max_prompt_length"):
@@ -87,6 +100,10 @@ class TokenizedData:
     has_margin: bool = False
     num_dropped: int = 0
     num_truncated: int = 0
+    num_short_completions: int = 0
+    num_identical_pairs: int = 0
+    num_unknown_tokens: int = 0
+    num_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.features)
@@ -101,6 +118,10 @@ class TokenizedData:
             has_margin=self.has_margin,
             num_dropped=self.num_dropped,
             num_truncated=self.num_truncated,
+            num_short_completions=self.num_short_completions,
+            num_identical_pairs=self.num_identical_pairs,
+            num_unknown_tokens=self.num_unknown_tokens,
+            num_tokens=self.num_tokens,
         )
 
 
@@ -156,8 +177,15 @@ def tokenize_records(loaded: LoadedRecords, tokenizer: Any, config: TokenizeConf
     prompt_limit = config.prompt_limit(kind)
     features: list[dict[str, Any]] = []
     rows: list[int] = []
-    dropped = truncated = 0
+    dropped = truncated = short = identical = 0
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    unknown = total = 0
     for row, (record, location) in enumerate(zip(loaded.records, loaded.locations)):
+        # Unknown tokens, counted over the text as written (before truncation, EOS not included).
+        pieces = [prompts[row]] + [completions[name][row][:-1] for name in completion_fields]
+        total += sum(len(ids) for ids in pieces)
+        if unk_id is not None:
+            unknown += sum(ids.count(unk_id) for ids in pieces)
         prompt_ids = prompts[row]
         problems: list[tuple[str, str]] = []  # (field, reason)
         if prompt_limit is not None and len(prompt_ids) > prompt_limit:
@@ -180,11 +208,25 @@ def tokenize_records(loaded: LoadedRecords, tokenizer: Any, config: TokenizeConf
                 dropped += 1
                 continue
             truncated += 1
+            cut_short = any(
+                len(feature[f"{name}_ids"]) < min(config.min_completion_tokens, len(completions[name][row]))
+                for name in completion_fields
+            )
+            if cut_short:
+                short += 1
+                if config.drop_short_completions:
+                    dropped += 1
+                    continue
+        if kind == "pair" and feature["chosen_ids"] == feature["rejected_ids"]:
+            identical += 1
+            if config.drop_identical_pairs:
+                dropped += 1
+                continue
         _add_passthrough(feature, record, kind)
         features.append(feature)
         rows.append(row)
 
-    if dropped:
+    if dropped and config.truncation == "drop":
         log.warning("Dropped %d of %d %s records longer than the length limits (truncation='drop').", dropped, len(loaded), kind)
     if truncated:
         log.info("Truncated %d of %d %s records to fit the length limits (truncation='keep_end').", truncated, len(loaded), kind)
@@ -196,7 +238,40 @@ def tokenize_records(loaded: LoadedRecords, tokenizer: Any, config: TokenizeConf
         has_margin=loaded.has_margin,
         num_dropped=dropped,
         num_truncated=truncated,
+        num_short_completions=short,
+        num_identical_pairs=identical,
+        num_unknown_tokens=unknown,
+        num_tokens=total,
     )
+
+
+def warn_about_data(data: TokenizedData, config: TokenizeConfig, source_label: str) -> list[str]:
+    """Log (at WARNING, once per dataset, with counts) what tokenization found wrong with ``data``; returns
+    the messages. Called on every load, a cache hit included."""
+    messages = []
+    n = len(data) + data.num_dropped
+    if data.num_short_completions:
+        action = "dropped (drop_short_completions=True)" if config.drop_short_completions else "kept; set drop_short_completions=True to drop them"
+        messages.append(
+            f"{source_label}: truncation left {data.num_short_completions} of {n} {data.kind} records with a completion "
+            f"shorter than {config.min_completion_tokens} tokens (max_length={config.max_length}, "
+            f"max_prompt_length={config.max_prompt_length}): {action}. Raise max_length or set max_prompt_length."
+        )
+    if data.num_identical_pairs:
+        action = "dropped (drop_identical_pairs=True)" if config.drop_identical_pairs else "kept (they carry no preference signal); set drop_identical_pairs=True to drop them"
+        messages.append(
+            f"{source_label}: {data.num_identical_pairs} of {n} preference pairs have identical chosen and rejected "
+            f"tokens (after truncation): {action}."
+        )
+    if data.num_tokens and data.num_unknown_tokens / data.num_tokens > config.max_unknown_rate:
+        messages.append(
+            f"{source_label}: {data.num_unknown_tokens} of {data.num_tokens} tokens "
+            f"({100.0 * data.num_unknown_tokens / data.num_tokens:.1f}%) are the tokenizer's unknown token "
+            f"(more than max_unknown_rate={config.max_unknown_rate:g}): the text does not match the tokenizer's vocabulary."
+        )
+    for message in messages:
+        log.warning(message)
+    return messages
 
 
 def _add_passthrough(feature: dict[str, Any], record: dict[str, Any], kind: str) -> None:
@@ -235,9 +310,12 @@ def load_tokenized(
         if payload is not None:
             log.info("Loaded tokenized %s records from the cache in %s.", kind, cache_dir)
             payload.pop("key", None)
-            return TokenizedData(**payload)
+            data = TokenizedData(**payload)
+            warn_about_data(data, config, source_name(source))
+            return data
     data = tokenize_records(load_records(source, kind, tokenizer=tokenizer), tokenizer, config)
     if cache_dir is not None and key is not None:
         write_cache(cache_dir, kind, key, asdict(data))
+    warn_about_data(data, config, source_name(source))
     return data
 

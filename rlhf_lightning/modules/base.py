@@ -5,17 +5,27 @@ thin — methods compose helpers, they do not inherit behaviour from deep chains
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from rlhf_lightning.models import AdapterDisabledReference, ModelSpec, load_tokenizer
+from rlhf_lightning.models import AdapterDisabledReference, ModelSpec, check_local_path, load_tokenizer
 from rlhf_lightning.modules.optim import Optimization, build_optimizer
 from rlhf_lightning.strategies import apply_fsdp2, export_state_dict
 
-__all__ = ["RLHFModuleBase", "resolve_tokenizer_path"]
+__all__ = ["RLHFModuleBase", "resolve_tokenizer_path", "NonFiniteError", "ON_NONFINITE"]
+
+log = logging.getLogger(__name__)
+
+ON_NONFINITE = ("error", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient was about to reach the weights (``on_nonfinite: error``)."""
 
 
 def resolve_tokenizer_path(tokenizer: str | None, model: ModelSpec) -> str:
@@ -36,10 +46,99 @@ class RLHFModuleBase(L.LightningModule):
 
     tokenizer: Any
     optim: Optimization
+    _on_nonfinite: str = "error"
+    nonfinite_skipped_steps: int = 0
+
+    # ---- non-finite guard: a NaN/inf loss or gradient never reaches the weights silently ----------------
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"error"`` (default): stop with :class:`NonFiniteError` naming the step and the quantity;
+        ``"skip"``: drop that optimizer step (no parameter or optimizer-state update) and warn."""
+        return self._on_nonfinite
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value: str) -> None:
+        if value not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
+        self._on_nonfinite = value
+
+    def _nonfinite_where(self) -> str:
+        trainer = self._trainer
+        if trainer is None:
+            return f"in {type(self).__name__}"
+        return f"at global step {trainer.global_step} (epoch {trainer.current_epoch}) in {type(self).__name__}"
+
+    def _nonfinite(self, quantity: str) -> None:
+        message = f"Non-finite {quantity} {self._nonfinite_where()}"
+        if self.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"{message}: stopping before it reaches the weights. Usual causes: a learning rate far too high, "
+                "a NaN/inf in the data, or overflow in low precision. Set the module's `on_nonfinite: skip` to "
+                "drop such steps instead."
+            )
+        self.nonfinite_skipped_steps += 1
+        log.warning("%s: optimizer step skipped (%d skipped so far, on_nonfinite=skip).", message, self.nonfinite_skipped_steps)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Called before every backward (automatic and manual optimization): the loss must be finite."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        # OR over the micro-batches of one optimizer step (gradient accumulation); reset at the step.
+        self._loss_nonfinite = getattr(self, "_loss_nonfinite", False) or bad
+        if bad and self.on_nonfinite == "error":
+            self._nonfinite(f"loss ({loss.detach().float().mean().item()})")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Called before every optimizer step: every gradient must be finite (checked with one fused
+        norm per step and agreed across ranks). ``skip`` drops the gradients, so the optimizer leaves
+        the parameters and its own state unchanged."""
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):  # its engine owns the gradients
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        finite = True
+        if grads:
+            norms = torch._foreach_norm(grads)
+            finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        loss_bad = getattr(self, "_loss_nonfinite", False)
+        self._loss_nonfinite = False
+        finite = self.trainer.strategy.reduce_boolean_decision(finite and not loss_bad, all=True)
+        if finite:
+            return
+        if loss_bad:
+            quantity = "loss"
+        else:
+            names = {id(p): name for name, p in self.named_parameters()}
+            bad = next((names.get(id(p), "?") for p, g in zip(params, grads) if not torch.isfinite(g).all()), "?")
+            quantity = f"gradient (first: {bad})"
+        self._nonfinite(quantity)
+        for p in params:  # skip: the optimizer ignores parameters without a gradient
+            p.grad = None
 
     def _init_tokenizer(self, tokenizer: str | None, model: ModelSpec, padding_side: str = "right") -> None:
+        check_local_path(model, "model")  # before the tokenizer, which defaults to the model's path
         self.tokenizer_path = resolve_tokenizer_path(tokenizer, model)
-        self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side=padding_side)
+        try:
+            self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side=padding_side)
+        except FileNotFoundError as error:
+            if tokenizer is None and str(error).startswith("tokenizer path does not exist"):  # it follows the model
+                raise FileNotFoundError("model" + str(error)[len("tokenizer"):]) from error
+            raise
+
+    def step_precision_context(self) -> contextlib.AbstractContextManager:
+        """The autocast the trainer's precision plugin wraps around every training/validation step
+        (``bf16-mixed``: ``torch.autocast(..., dtype=bfloat16)``); a no-op without a trainer. Values
+        computed outside a step but compared with values computed inside one (precomputed reference
+        log-probs, MODPO margins) must be computed under it, or the two differ by the bf16 rounding."""
+        trainer = self._trainer
+        if trainer is None:
+            return contextlib.nullcontext()
+        return trainer.precision_plugin.forward_context()
+
+    def step_precision_name(self) -> str:
+        """The trainer's precision setting (``"32-true"``, ``"bf16-mixed"``, ...), for cache fingerprints."""
+        trainer = self._trainer
+        return str(getattr(getattr(trainer, "precision_plugin", None), "precision", "32-true")) if trainer is not None else "32-true"
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -142,7 +241,46 @@ class RLHFModuleBase(L.LightningModule):
             name = "test/" + name[len("val/"):]
         super().log(name, value, *args, **kwargs)
 
+    # ---- checkpoints: atomic writes, a checkpoint at SIGTERM, clear errors on resume ------------------
+
+    def configure_callbacks(self):
+        """Every module saves a checkpoint when the run is stopped by SIGTERM and exits with status 143
+        (:class:`~rlhf_lightning.checkpointing.PreemptionCheckpoint`)."""
+        from rlhf_lightning.checkpointing import PreemptionCheckpoint
+
+        return [PreemptionCheckpoint()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlhf_lightning"] = {"module": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming: a checkpoint of another module class is an error; hyperparameters that differ from
+        the checkpoint's are listed at WARNING with the value that is used."""
+        from rlhf_lightning.checkpointing import CheckpointError, describe_hparam_changes
+
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        saved_module = (checkpoint.get("rlhf_lightning") or {}).get("module")
+        this_module = f"{type(self).__module__}.{type(self).__qualname__}"
+        if saved_module is not None and saved_module != this_module:
+            raise CheckpointError(
+                f"Checkpoint {path or ''} was written by {saved_module.rsplit('.', 1)[-1]} ({saved_module}), but this run "
+                f"trains a {type(self).__name__}; resume with the same model class_path, or start a new run "
+                "(load its exported weights with `model: <export folder>`)."
+            )
+        saved = checkpoint.get("hyper_parameters") or {}
+        if saved:
+            changes = describe_hparam_changes(saved, dict(self.hparams))
+            if changes:
+                log.warning(
+                    "Resuming from %s with %d hyperparameter(s) different from the checkpoint's:\n%s",
+                    path or "a checkpoint", len(changes), "\n".join(changes),
+                )
+
     def on_fit_start(self) -> None:
+        from rlhf_lightning.checkpointing import install_atomic_checkpoint_io
+
+        install_atomic_checkpoint_io(self.trainer)
         # transformers 5 returns from_pretrained models in eval mode and Lightning keeps module modes as
         # they are: put the trainable policy in train mode, frozen models stay in eval.
         policy = self.policy

@@ -2,7 +2,9 @@
 
 The loss is :func:`~rlhf_lightning.losses.dpo_loss` on sequence log-probs of the chosen and rejected
 completions under the trainable policy and a frozen reference. Both sides go through ONE forward per
-model (:mod:`~rlhf_lightning.modules.pair_forward`).
+model (:mod:`~rlhf_lightning.modules.pair_forward`), by default packed without padding and with each
+pair's prompt computed once (``padding_free`` / ``shared_prompt``): the same log-probs as the padded
+batch to float rounding, fewer tokens computed (docs/results/benchmark.md).
 
 Where this departs from the paper, and why:
 
@@ -11,8 +13,9 @@ Where this departs from the paper, and why:
   ``logps/*`` and ``rewards/*`` are then per-token too.
 * ``precompute_reference=True`` computes the reference log-probs once before training (keyed by the
   batch's ``index`` column, cached on disk by a fingerprint of the tokenized data, the reference
-  weights and the averaging flag) and then deletes the reference: training holds one model. The
-  numbers are those of the live reference in eval mode (no dropout), so both modes give the same loss.
+  weights, the averaging flag and the trainer's precision) and then deletes the reference: training holds
+  one model. The numbers are those of the live reference in eval mode (no dropout), computed under the
+  autocast of the training step, so both modes give the same loss in every precision.
 * The reference's weights are not written into checkpoints, plain or sharded (the module's state dict
   leaves them out, :class:`~rlhf_lightning.modules.base.RLHFModuleBase`); they are rebuilt from
   ``reference`` / ``model`` at load time, and loading stays strict for every other key.
@@ -62,6 +65,10 @@ class DPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        shared_prompt: bool = True,
+        max_row_tokens: int | None = None,
+        on_nonfinite: str = "error",
         peft: PeftArg = None,
         disable_dropout: bool = True,
     ):
@@ -85,6 +92,16 @@ class DPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            padding_free: pack each batch's sequences into rows without padding (position ids restart
+                per sequence, attention stays within it); same log-probs as the padded batch, fewer
+                tokens computed. Models whose attention implementation cannot take packed rows are run
+                padded (with a warning). ``False`` = the padded ``(2B, T)`` batch.
+            shared_prompt: with ``padding_free``, lay each pair out as a tree: its prompt once, then
+                both completions attending to it and not to each other (the prompt computed once).
+            max_row_tokens: token budget of a packed row; ``None`` = the longest sequence (or pair tree)
+                of the batch, so rows are never longer than the batch's longest unit.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
             peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
                 arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
                 ``pip install 'rlhf-lightning[peft]'``). Only the adapters train; with ``reference: null`` the reference is the same model with its adapters
@@ -103,6 +120,7 @@ class DPOModule(RLHFModuleBase):
         per step for values the logger never sees (:mod:`~rlhf_lightning.modules.metric_window`).
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
         if beta <= 0:
@@ -118,6 +136,8 @@ class DPOModule(RLHFModuleBase):
         self.label_smoothing = label_smoothing
         self.average_logps = loss_type == "ipo"
         self.precompute_reference = precompute_reference
+        self.pair_layout = ("shared_prompt" if shared_prompt else "padding_free") if padding_free else "padded"
+        self.max_row_tokens = max_row_tokens
         self.reference_cache_dir = reference_cache_dir
         self._init_tokenizer(tokenizer, model)
         self.model = prepare_trainable(
@@ -144,6 +164,10 @@ class DPOModule(RLHFModuleBase):
     def _pad_token_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return int(pad) if pad is not None else 0
+
+    def _layout_kwargs(self) -> dict[str, Any]:
+        """How pair batches reach the models (:func:`~rlhf_lightning.modules.pair_forward.pair_logps`)."""
+        return {"layout": self.pair_layout, "max_row_tokens": self.max_row_tokens}
 
     # ------------------------------------------------------------------------------ precomputed reference
 
@@ -179,12 +203,16 @@ class DPOModule(RLHFModuleBase):
         pad = self._pad_token_id()
 
         def fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            out = reference_pair_logps(ref, batch, average=self.average_logps, pad_token_id=pad)
+            # Under the same autocast as the training step: precomputed and live reference give the same
+            # numbers in every precision (bf16-mixed included).
+            with self.step_precision_context():
+                out = reference_pair_logps(ref, batch, average=self.average_logps, pad_token_id=pad, **self._layout_kwargs())
             return {"ref_chosen_logps": out.chosen_logps, "ref_rejected_logps": out.rejected_logps}
 
         for split, loader in loaders.items():
             fingerprint = combine_fingerprints(
-                kind="dpo-reference-logps", data=dataset_fingerprint(loader.dataset), reference=weights, average=self.average_logps
+                kind="dpo-reference-logps", data=dataset_fingerprint(loader.dataset), reference=weights, average=self.average_logps,
+                precision=self.step_precision_name(),
             )
             values, hit = cached_per_index(
                 loader, fn, fingerprint=fingerprint, cache_dir=self.reference_cache_dir, name=f"ref-logps-{split}",
@@ -203,7 +231,9 @@ class DPOModule(RLHFModuleBase):
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_model is not None:
-            out = reference_pair_logps(self.ref_model, batch, average=self.average_logps, pad_token_id=self._pad_token_id())
+            out = reference_pair_logps(
+                self.ref_model, batch, average=self.average_logps, pad_token_id=self._pad_token_id(), **self._layout_kwargs()
+            )
             return out.chosen_logps, out.rejected_logps
         values = self._ref_values.get(split)
         if values is None:
@@ -218,7 +248,8 @@ class DPOModule(RLHFModuleBase):
 
     def _step(self, batch: dict[str, torch.Tensor], split: str):
         policy_out: PairLogps = pair_logps(
-            self.model, batch, average=self.average_logps, return_logits_mean=True, pad_token_id=self._pad_token_id()
+            self.model, batch, average=self.average_logps, return_logits_mean=True, pad_token_id=self._pad_token_id(),
+            **self._layout_kwargs(),
         )
         ref_chosen, ref_rejected = self._reference_logps(batch, split)
         losses, chosen_rewards, rejected_rewards, extra_metrics = self._pair_loss(policy_out, ref_chosen, ref_rejected, batch, split)

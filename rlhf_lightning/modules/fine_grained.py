@@ -110,6 +110,13 @@ class FineGrainedPPOModule(PPOModule):
         if clashes:
             raise ValueError(f"Segment reward names {sorted(clashes)} clash with PPO's reward/* metrics; rename them.")
         super().__init__(policy, tokenizer, reward=None, **ppo_kwargs)
+        # Store the arguments again without the segment reward specs (they hold scorer objects: rebuilt from
+        # the config, never pickled into checkpoints, which must load with torch.load(weights_only=True)).
+        objects = {"policy": policy, "reference": ppo_kwargs.get("reference"), "critic": ppo_kwargs.get("critic")}
+        self.save_hyperparameters(
+            ignore=["segment_rewards", "reward", "reward_transform"]
+            + [name for name, value in objects.items() if not isinstance(value, (str, dict, type(None)))]
+        )
         self.fine_grained = fine_grained
         self.reward_fn = EpisodeTotalReward(fine_grained)
 

@@ -125,6 +125,10 @@ class MODPOModule(DPOModule):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        shared_prompt: bool = True,
+        max_row_tokens: int | None = None,
+        on_nonfinite: str = "error",
         peft: PeftArg = None,
         disable_dropout: bool = True,
     ):
@@ -155,6 +159,9 @@ class MODPOModule(DPOModule):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            padding_free / shared_prompt / max_row_tokens: how pair batches are packed, as in ``DPOModule``.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
             peft: LoRA adapters (a dict of ``peft.LoraConfig`` keyword arguments); the reference is then
                 the policy with its adapters disabled unless ``reference`` is named (see ``DPOModule``).
             disable_dropout: set every dropout probability of the policy to 0 (see ``DPOModule``).
@@ -189,6 +196,10 @@ class MODPOModule(DPOModule):
             optim=optim,
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
+            padding_free=padding_free,
+            shared_prompt=shared_prompt,
+            max_row_tokens=max_row_tokens,
+            on_nonfinite=on_nonfinite,
             peft=peft,
             disable_dropout=disable_dropout,
         )
@@ -234,10 +245,11 @@ class MODPOModule(DPOModule):
         sources = [margin_source_fingerprint(source) for source in self.margin_sources]
         for split, loader in loaders.items():
             fingerprint = combine_fingerprints(
-                kind="modpo-margins", data=dataset_fingerprint(loader.dataset), sources=sources, names=self.margin_names
+                kind="modpo-margins", data=dataset_fingerprint(loader.dataset), sources=sources, names=self.margin_names,
+                precision=self.step_precision_name(),
             )
             values, hit = cached_per_index(
-                loader, self._score_sources, fingerprint=fingerprint, cache_dir=self.cache_dir, name=f"modpo-margins-{split}",
+                loader, self._score_sources_under_step_precision, fingerprint=fingerprint, cache_dir=self.cache_dir, name=f"modpo-margins-{split}",
                 device=device, write=trainer is None or trainer.is_global_zero,
             )
             self._margin_values[split] = values
@@ -245,6 +257,11 @@ class MODPOModule(DPOModule):
             log.info("MODPO margins for %s: %s (%d rows)", split, "cache hit" if hit else "computed", len(values))
         if trainer is not None:
             trainer.strategy.barrier("modpo_margin_cache")
+
+    def _score_sources_under_step_precision(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`_score_sources` under the training step's autocast, so precomputed margins equal live ones."""
+        with self.step_precision_context():
+            return self._score_sources(batch)
 
     @torch.no_grad()
     def _score_sources(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

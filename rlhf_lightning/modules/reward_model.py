@@ -9,8 +9,9 @@ Where this departs from the papers, and why:
 
 * InstructGPT puts all K-choose-2 comparisons of a prompt in one batch element; we take pairs as
   they come (the data's job), which is what TRL and DeepSpeed-Chat do.
-* Chosen and rejected are scored in ONE forward over the stacked ``(2B, T)`` batch
-  (:func:`~rlhf_lightning.modules.pair_forward.reward_pair_scores`).
+* Chosen and rejected are scored in ONE forward
+  (:func:`~rlhf_lightning.modules.pair_forward.reward_pair_scores`), by default packed without padding
+  and with each pair's prompt computed once (the same rewards as the padded batch, fewer tokens).
 * The score is read at the last real token found from the attention mask, not by comparing ids
   with the pad id (which may equal EOS).
 """
@@ -48,14 +49,19 @@ class PairRewardMetrics(nn.Module):
     ``MeanMetric`` states, so ``compute()`` is synchronised across data-parallel ranks.
 
     The std is ``sqrt(E[r^2] - E[r]^2)`` from two running means (population std over all rewards).
+    ``persistent=True`` keeps the running states in ``state_dict`` (checkpoints), so the epoch statistics
+    of a run resumed mid-epoch cover the whole epoch, as an uninterrupted run's do.
     """
 
-    def __init__(self):
+    def __init__(self, persistent: bool = False):
         super().__init__()
         self.accuracy = MeanMetric()
         self.margin = MeanMetric()
         self.reward = MeanMetric()
         self.reward_sq = MeanMetric()
+        if persistent:
+            for metric in (self.accuracy, self.margin, self.reward, self.reward_sq):
+                metric.persistent(True)
 
     def update(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
         chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
@@ -90,6 +96,10 @@ class RewardModelModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        shared_prompt: bool = True,
+        max_row_tokens: int | None = None,
+        on_nonfinite: str = "error",
         peft: PeftArg = None,
         disable_dropout: bool = True,
     ):
@@ -107,6 +117,14 @@ class RewardModelModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            padding_free: pack each batch's sequences into rows without padding (position ids restart
+                per sequence, attention stays within it); same rewards as the padded batch. Models
+                that cannot take packed rows are run padded. ``False`` = the padded ``(2B, T)`` batch.
+            shared_prompt: with ``padding_free``, each pair's prompt once, both completions attending
+                to it and not to each other.
+            max_row_tokens: token budget of a packed row; ``None`` = the longest unit of the batch.
+            on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
+                step and the quantity; ``"skip"`` drops that optimizer step and warns.
             peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
                 arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
                 ``pip install 'rlhf-lightning[peft]'``). Only the adapters train (and the score head, fully); the export
@@ -121,18 +139,21 @@ class RewardModelModule(RLHFModuleBase):
         the steps since its previous write (:mod:`~rlhf_lightning.modules.metric_window`).
         """
         super().__init__()
+        self.on_nonfinite = on_nonfinite
         if center_rewards_coef is not None and center_rewards_coef < 0:
             raise ValueError(f"center_rewards_coef must be >= 0 or None, got {center_rewards_coef}")
         self.save_hyperparameters(ignore=["model"] if not isinstance(model, (str, dict)) else None)
         self.optim = optim or Optimization()
         self.use_margin = use_margin
         self.center_rewards_coef = float(center_rewards_coef or 0.0)
+        self.pair_layout = ("shared_prompt" if shared_prompt else "padding_free") if padding_free else "padded"
+        self.max_row_tokens = max_row_tokens
         self._init_tokenizer(tokenizer, model)
         self.model = prepare_trainable(
             load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype),
             peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing, task_type="SEQ_CLS",
         )
-        self.train_metrics = PairRewardMetrics()
+        self.train_metrics = PairRewardMetrics(persistent=True)  # mid-epoch resume keeps the epoch's statistics
         self.val_metrics = PairRewardMetrics()
         self._train_window = MetricWindow()
 
@@ -150,7 +171,9 @@ class RewardModelModule(RLHFModuleBase):
         return int(pad) if pad is not None else 0
 
     def _step(self, batch: dict[str, torch.Tensor]):
-        chosen, rejected = reward_pair_scores(self.model, batch, pad_token_id=self._pad_token_id())  # (B,), (B,)
+        chosen, rejected = reward_pair_scores(
+            self.model, batch, pad_token_id=self._pad_token_id(), layout=self.pair_layout, max_row_tokens=self.max_row_tokens
+        )  # (B,), (B,)
         margin = None
         if self.use_margin:
             if "margin" not in batch:

@@ -67,6 +67,13 @@ class RewardTransform(nn.Module):
             (truncated by ``max_new_tokens``); applied after normalisation.
         missing_eos_score: instead of a penalty, *replace* such scores with this value.
         eps: added to the std before dividing.
+        warmup: until the running statistics hold this many scores, the std used is at least 1, so
+            normalisation may shrink rewards but never amplify them: one rollout is a poor estimate
+            of the spread (a first batch of equal scores has std 0). Scores whose spread is >= 1
+            are normalised exactly as without warm-up.
+        min_std: floor on the running std used for dividing, so a spread that collapses (every
+            completion scored the same) never multiplies rewards by ``1 / eps``. Default 1e-2 (at
+            most a 100x magnification); set it near the smallest score spread that is meaningful.
 
     Statistics are updated on every call in training mode (or when ``update=True`` is passed) and
     are saved in ``state_dict`` (assign the transform to a LightningModule attribute and Lightning
@@ -81,6 +88,8 @@ class RewardTransform(nn.Module):
         missing_eos_penalty: float | None = None,
         missing_eos_score: float | None = None,
         eps: float = 1e-8,
+        warmup: int = 64,
+        min_std: float = 1e-2,
     ) -> None:
         super().__init__()
         if normalize not in _NORMALIZE:
@@ -93,7 +102,11 @@ class RewardTransform(nn.Module):
         self.clip = clip
         self.missing_eos_penalty = missing_eos_penalty
         self.missing_eos_score = missing_eos_score
+        if warmup < 0 or min_std < 0:
+            raise ValueError(f"warmup and min_std must be >= 0, got warmup={warmup}, min_std={min_std}")
         self.eps = eps
+        self.warmup = warmup
+        self.min_std = min_std
         self.moments = RunningMoments()
 
     def forward(self, scores: torch.Tensor, *, finished: torch.Tensor | None = None, update: bool | None = None) -> torch.Tensor:
@@ -103,7 +116,10 @@ class RewardTransform(nn.Module):
         if self.normalize != "none":
             if self.training if update is None else update:
                 self.moments.update(scores)
-            std = self.moments.std.to(scores.device, torch.float32) + self.eps
+            std = self.moments.std.to(scores.device, torch.float32)
+            # Warm-up: a spread estimated from few scores may shrink rewards but never amplify them.
+            floor = 1.0 if self.moments.count < self.warmup else self.min_std
+            std = std.clamp(min=floor) + self.eps
             if self.normalize == "whiten":
                 scores = (scores - self.moments.mean.to(scores.device, torch.float32)) / std
             else:
@@ -123,5 +139,5 @@ class RewardTransform(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"normalize={self.normalize!r}, clip={self.clip}, missing_eos_penalty={self.missing_eos_penalty}, "
-            f"missing_eos_score={self.missing_eos_score}"
+            f"missing_eos_score={self.missing_eos_score}, warmup={self.warmup}, min_std={self.min_std}"
         )

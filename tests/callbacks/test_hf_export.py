@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,3 +48,32 @@ def test_export_writes_the_modules_gathered_state_dict(tmp_path, tiny_model, tok
     reloaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
     for name, tensor in gathered.items():
         torch.testing.assert_close(reloaded[name], tensor, msg=name)
+
+
+def test_non_finite_weights_never_replace_a_good_export(tmp_path, tiny_model, tokenizer):
+    from rlhf_lightning.callbacks.hf_export import NonFiniteWeightsError
+
+    target = tmp_path / "hf" / "final"
+    save_hf_directory(tiny_model, tokenizer, str(target))
+    good = sorted(os.listdir(target))
+    with torch.no_grad():
+        next(tiny_model.parameters())[0, 0] = float("nan")
+    name = next(n for n, _ in tiny_model.named_parameters())
+    with pytest.raises(NonFiniteWeightsError, match=rf"non-finite weights \(NaN/inf in '{name}'\).*previous export at .*final is kept"):
+        save_hf_directory(tiny_model, tokenizer, str(target))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(target))
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+    assert sorted(os.listdir(target)) == good and sorted(os.listdir(tmp_path / "hf")) == ["final"]
+    with pytest.raises(NonFiniteWeightsError, match="nothing was written"):
+        save_hf_directory(tiny_model, tokenizer, str(tmp_path / "hf" / "best"))
+    assert not (tmp_path / "hf" / "best").exists()
+
+
+def test_export_folder_gets_the_umask_permissions(tmp_path, tiny_model, tokenizer):
+    """mkdtemp's staging folder is 0o700; the export used to keep it (unreadable to a group)."""
+    old = os.umask(0o022)
+    try:
+        target = save_hf_directory(tiny_model, tokenizer, str(tmp_path / "export"))
+    finally:
+        os.umask(old)
+    assert os.stat(target).st_mode & 0o777 == 0o755

@@ -72,6 +72,26 @@ def test_ensemble_aggregations_by_hand():
         EnsembleRewardSource(members, "max")
 
 
+def test_weighted_ensemble_by_hand():
+    """MORLHF's scalarisation: weights [0.7, 0.3] over a = [1, 4], b = [3, 0] give [0.7 + 0.9, 2.8 + 0] = [1.6, 2.8];
+    weights [2, 1, 1] over a, b, c = [2, 2] give the weighted mean [(2 + 3 + 2) / 4, (8 + 0 + 2) / 4] = [1.75, 2.5]."""
+    values = {"a": [1.0, 4.0], "b": [3.0, 0.0], "c": [2.0, 2.0]}
+    members = [FunctionRewardSource(lambda ps, cs, v=v: v, name=k, batched=True) for k, v in values.items()]
+    prompts, completions = ["x", "y"], ["1", "2"]
+    two = EnsembleRewardSource(members[:2], weights=[0.7, 0.3])
+    torch.testing.assert_close(two(prompts, completions), torch.tensor([1.6, 2.8]))
+    three = EnsembleRewardSource(members, weights=[2, 1, 1])
+    torch.testing.assert_close(three(prompts, completions), torch.tensor([1.75, 2.5]))
+    torch.testing.assert_close(  # equal weights are the plain mean
+        EnsembleRewardSource(members, weights=[1, 1, 1])(prompts, completions), torch.tensor([2.0, 2.0]))
+    with pytest.raises(ValueError, match="one per source"):
+        EnsembleRewardSource(members, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="positive sum"):
+        EnsembleRewardSource(members[:2], weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="'mean' aggregation only"):
+        EnsembleRewardSource(members[:2], "min", weights=[0.5, 0.5])
+
+
 def test_segment_source_adapter():
     def sentences(prompt, completion):
         ends = [i + 1 for i, ch in enumerate(completion) if ch == "."]
