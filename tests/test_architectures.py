@@ -42,14 +42,6 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 CASES = [pytest.param(name, None, id=name) for name in ARCHITECTURES] + [
     pytest.param(name, LORA, id=f"{name}-lora") for name in ("llama", "gpt2")
 ]
-# Gemma-2 applies a final-logit softcap inside its LM forward; the value-head forward (lm_head on the
-# trunk's hidden states) skips it, so policy and reference log-probs differ. Fixed separately.
-PPO_CASES = [
-    pytest.param(*case.values, id=case.id, marks=pytest.mark.xfail(
-        strict=False, reason="Gemma-2 final logit softcapping is skipped by the value-head forward"))
-    if case.id == "gemma2" else case
-    for case in CASES
-]
 PAIRS = [
     {"prompt": "the movie was", "chosen": "great fun", "rejected": "awful and boring"},
     {"prompt": "this film is", "chosen": "really good", "rejected": "so bad"},
@@ -130,7 +122,7 @@ def test_dpo_step_zero_loss_is_ln2_with_precomputed_reference(name, peft, bpe, b
     assert_close(loss, torch.tensor(math.log(2.0)), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name,peft", PPO_CASES)
+@pytest.mark.parametrize("name,peft", CASES)
 def test_ppo_first_rollout_kl_is_zero_with_policy_equal_to_reference(name, peft, bpe, bpe_tokenizer_dir):
     module = PPOModule(build(name, bpe), bpe_tokenizer_dir, peft=peft, reward=FunctionRewardSource(lambda p, c: float(len(c))),
                        sampling={"max_new_tokens": 6}, log_samples_every_n_steps=0)
