@@ -47,7 +47,15 @@ from rlhf_lightning.generation import (
 )
 from rlhf_lightning.logprobs import entropy_from_logits, position_ids_from_attention_mask, token_logprobs
 
-__all__ = ["Rollout", "PolicyForward", "policy_forward", "collect_rollout", "RolloutCollector"]
+__all__ = [
+    "Rollout",
+    "PolicyForward",
+    "policy_forward",
+    "collect_rollout",
+    "RolloutCollector",
+    "concat_rollouts",
+    "greedy_scores",
+]
 
 
 @dataclass
@@ -66,11 +74,13 @@ class Rollout:
         raw_scores: ``(N,)`` float32 sequence rewards as the reward source returned them.
         finished: ``(N,)`` bool, True if the completion ended with EOS/stop (not truncated).
         completion_lengths: ``(N,)`` completion tokens incl. the stop token.
-        prompt_index: ``(N,)`` row of the prompt batch each sample came from.
+        prompt_index: ``(N,)`` row of the prompt batch each sample came from: the group id of group
+            sampling (``num_samples_per_prompt = G`` puts the G samples of a prompt in consecutive rows).
         index: ``(N,)`` dataset index of the prompt (from the batch's ``index``), or None.
         prompt_length: ``P``; completions start at column ``P`` of ``input_ids``.
         prompt_text: N prompt strings (repeated per sample).
         completion_text: N decoded completions (special tokens skipped).
+        group_size: G, samples per prompt (rows ``g*G .. g*G+G-1`` are prompt g's group).
     """
 
     input_ids: torch.Tensor
@@ -89,6 +99,7 @@ class Rollout:
     prompt_length: int
     prompt_text: list[str]
     completion_text: list[str]
+    group_size: int = 1
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -250,6 +261,7 @@ def collect_rollout(
         num_samples_per_prompt=config.num_samples_per_prompt,
         stop_token_ids=config.stop_token_ids,
         seed=seed,
+        share_prompt_prefill=config.share_prompt_prefill,
     )
     # Greedy decoding has no temperature; log-probs are then those of the untempered policy.
     temperature = config.temperature if config.do_sample else 1.0
@@ -313,7 +325,90 @@ def collect_rollout(
         prompt_length=gen.prompt_length,
         prompt_text=prompt_text,
         completion_text=completion_text,
+        group_size=config.num_samples_per_prompt,
     )
+
+
+def concat_rollouts(rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+    """Stack rollouts row-wise (e.g. DAPO's refilled groups), re-padding them to one layout.
+
+    Each part is left padded to the widest prompt and right padded to the longest completion, so the
+    result keeps the layout of a single rollout (prompt in ``[:P]``, completion from column ``P``);
+    ``prompt_index`` is offset per part so group ids stay distinct. All parts must share ``group_size``
+    and have (or lack) the same optional fields.
+    """
+    if not rollouts:
+        raise ValueError("concat_rollouts needs at least one rollout")
+    if len({r.group_size for r in rollouts}) != 1:
+        raise ValueError("concat_rollouts: every rollout must have the same group_size")
+    prompt_length = max(r.prompt_length for r in rollouts)
+    completion_length = max(r.input_ids.shape[1] - r.prompt_length for r in rollouts)
+    fills = {"input_ids": pad_token_id}
+    parts: dict[str, list] = {}
+    offset = 0
+    for r in rollouts:
+        left, right = prompt_length - r.prompt_length, completion_length - (r.input_ids.shape[1] - r.prompt_length)
+        for f in fields(r):
+            value = getattr(r, f.name)
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                value = torch.nn.functional.pad(value, (left, right), value=fills.get(f.name, 0))
+            elif f.name == "prompt_index":
+                value = value + offset
+            parts.setdefault(f.name, []).append(value)
+        offset += int(r.prompt_index.max()) + 1 if len(r) else 0
+    merged: dict[str, Any] = {}
+    for name, values in parts.items():
+        if isinstance(values[0], torch.Tensor):
+            merged[name] = torch.cat(values)
+        elif isinstance(values[0], list):
+            merged[name] = [item for value in values for item in value]
+        elif values[0] is None:
+            if any(v is not None for v in values):
+                raise ValueError(f"concat_rollouts: field {name!r} is None in some rollouts only")
+            merged[name] = None
+        else:
+            merged[name] = values[0]
+    merged["prompt_length"] = prompt_length
+    return Rollout(**merged)
+
+
+@torch.no_grad()
+def greedy_scores(
+    policy: nn.Module,
+    tokenizer,
+    prompt_batch: Mapping[str, Any],
+    *,
+    reward_fn: Callable[..., torch.Tensor],
+    sampling: SamplingConfig,
+    reward_transform: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``(B,)`` scores of each prompt's greedy completion: ReMax's baseline (Li et al. 2024, Algorithm 1).
+
+    One greedy completion per prompt with the rollout's length limit and stop tokens; a reward transform
+    is applied without updating its running statistics (the baseline must not count as data).
+    """
+    gen = generate(
+        policy,
+        tokenizer,
+        prompt_batch["prompt_input_ids"],
+        prompt_batch["prompt_attention_mask"],
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=False,
+        stop_token_ids=sampling.stop_token_ids,
+    )
+    prompts = prompt_batch.get("prompt_text")
+    if prompts is None:
+        prompts = tokenizer.batch_decode(
+            [row[m.bool()].tolist() for row, m in zip(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"])],
+            skip_special_tokens=True,
+        )
+    completions = decode_completions(tokenizer, gen.completion_ids, gen.completion_mask[:, gen.prompt_length :])
+    scores = torch.as_tensor(
+        reward_fn(list(prompts), completions, input_ids=gen.input_ids, attention_mask=gen.attention_mask)
+    ).to(device=gen.input_ids.device, dtype=torch.float32)
+    if reward_transform is not None:
+        scores = reward_transform(scores, finished=gen.finished, update=False)
+    return scores
 
 
 class RolloutCollector:
