@@ -31,6 +31,10 @@ Shared options and where they depart from the papers:
 * Statistics that normalise over "the batch" (advantage / reward whitening) are all-reduced across ranks,
   so data-parallel training normalises as one large batch does.
 * The frozen reference is not stored in checkpoints (it is rebuilt from ``reference`` / ``policy``).
+* ``padding_free`` (default on): the rollout's old-log-prob / value / reference forwards and every update
+  forward run over the episodes packed into rows without padding (``rollout.policy_forward``), with the
+  output layer only at the completion's positions; results are scattered back to the padded ``(N, T')``
+  grid, so losses, GAE and masks are those of the padded path (equal within float tolerance).
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
         kl_threshold: float | None = None,
         ptx_coef: float = 0.0,
         ptx_data: Any = None,
+        padding_free: bool = True,
+        max_row_tokens: int | None = None,
     ) -> torch.nn.Module:
         """Set the shared attributes, load the tokenizer, the policy LM and the frozen reference.
 
@@ -132,6 +138,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
         self.kl_threshold = kl_threshold
         self.ptx_coef = float(ptx_coef)
         self.ptx_data = ptx_data
+        self.padding_free = padding_free
+        self.max_row_tokens = max_row_tokens
         self._ptx_batches: Iterator[Mapping[str, torch.Tensor]] | None = None
         # Read by the KL controller callbacks after each training step (see callbacks/kl_control.py).
         self.last_rollout_kl: torch.Tensor | float | None = None
@@ -196,6 +204,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
             reward_transform=self.reward_transform,
             forward_batch_size=self.forward_batch_size,
             seed=(self._step_seed() + seed_offset) % (2**63),
+            padding_free=self.padding_free,
+            max_row_tokens=self.max_row_tokens,
         )
 
     def rollout_kl(self, rollout: Rollout) -> torch.Tensor:
@@ -296,6 +306,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
                 temperature=self.sampling_temperature,
                 value_model=self.critic,
                 return_entropy=want_entropy,
+                padding_free=self.padding_free,
+                max_row_tokens=self.max_row_tokens,
             )
             loss, stats = self.minibatch_loss(out, rollout, rows, width, targets)
             if out.entropy is not None:
