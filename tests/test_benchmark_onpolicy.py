@@ -53,3 +53,18 @@ def test_step_phases_are_timed_and_restored(bench, kind):
 def test_unknown_kind_is_rejected(bench):
     with pytest.raises(ValueError, match="unknown on-policy kind"):
         bench._measure_onpolicy("nope", tiny_args(bench))
+
+
+def test_update_forward_rows_compare_padded_and_padding_free(bench):
+    """The update-forward rows time both layouts on the same minibatches (it raises if their log-probs or
+    values differ) and count tokens: packed rows never compute more than the padded minibatch."""
+    args = tiny_args(bench)
+    result = bench._measure_onpolicy("ppo_update", args)
+    for key in ("padded", "padded_cpu", "padding_free", "padding_free_cpu"):
+        assert len(result[key]) == 2 and all(t > 0 for t in result[key]), key
+    for useful, packed, padded in zip(result["useful_tokens"], result["packed_tokens"], result["padded_tokens"]):
+        assert 0 < useful <= packed <= padded
+    rows = bench.update_forward_rows(result, args)
+    assert [r["overhead"] for r in rows][0] == 1.0
+    table = bench.to_markdown(rows, args)
+    assert "update forward+backward, padding-free" in table and "padding share" in table

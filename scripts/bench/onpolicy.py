@@ -174,9 +174,66 @@ def _measure_generation(args, device, policy_spec, tokenizer, batches) -> dict[s
     return result
 
 
+def _measure_update_forwards(args, device, policy_spec, tokenizer, batches) -> dict[str, Any]:
+    """PPO's update forward + backward (``rollout.policy_forward`` on the shared value-head model, as in
+    ``OnPolicyModuleBase.policy_update``) over real rollouts' minibatches, padded against padding-free,
+    interleaved minibatch by minibatch (alternating which goes first). The two must give the same log-probs
+    and values (checked). Tokens computed: the padded minibatch (trailing all-padding columns dropped, as
+    the update does) against the packed rows; useful tokens: the episodes' real tokens."""
+    from rlhf_lightning.data.packing import pack_episodes
+    from rlhf_lightning.modules import Optimization, PPOModule
+    from rlhf_lightning.rewards import GoldRewardSource
+    from rlhf_lightning.rollout import policy_forward
+
+    module = PPOModule(policy_spec, tokenizer, reward=GoldRewardSource("sentiment"), optim=Optimization(lr=1e-5),
+                       sampling={"max_new_tokens": args.max_new_tokens, "num_samples_per_prompt": args.samples_per_prompt},
+                       log_samples_every_n_steps=0).to(device)
+    module.train()
+    result: dict[str, list[float]] = {key: [] for key in ("padded", "padded_cpu", "padding_free", "padding_free_cpu",
+                                                          "padded_tokens", "packed_tokens", "useful_tokens")}
+    generator = torch.Generator().manual_seed(0)
+    for i, batch in enumerate(batches):
+        rollout = module.collect({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, seed_offset=i)
+        size = -(-len(rollout) // args.num_minibatches)
+        order = torch.randperm(len(rollout), generator=generator)
+        for start in range(0, len(rollout), size):
+            rows = order[start : start + size].to(device)
+            attention_mask = rollout.attention_mask[rows]
+            width = int(attention_mask.sum(0).nonzero().max()) + 1
+            inputs = (rollout.input_ids[rows, :width], attention_mask[:, :width], rollout.completion_mask[rows, :width])
+            outs = {}
+
+            def step(padding_free: bool):
+                out = policy_forward(module.model, *inputs, padding_free=padding_free, return_entropy=True)
+                (-(out.logprobs.sum()) + out.values.pow(2).sum() - out.entropy.sum()).backward()
+                module.zero_grad(set_to_none=True)
+                return out
+
+            modes = (False, True) if (i + start) % 2 == 0 else (True, False)
+            for padding_free in modes:
+                name = "padding_free" if padding_free else "padded"
+                _sync(device)
+                begin, cpu_begin = time.perf_counter(), time.process_time()
+                outs[name] = step(padding_free)
+                _sync(device)
+                if i >= args.warmup:
+                    result[name].append(time.perf_counter() - begin)
+                    result[f"{name}_cpu"].append(time.process_time() - cpu_begin)
+            for field in ("logprobs", "values"):
+                if not torch.allclose(getattr(outs["padded"], field), getattr(outs["padding_free"], field), atol=1e-4, rtol=0):
+                    raise RuntimeError(f"padded and padding-free update forwards disagree on {field}: the comparison is void")
+            if i >= args.warmup:
+                packed = pack_episodes(*inputs)
+                result["padded_tokens"].append(float(inputs[0].numel()))
+                result["packed_tokens"].append(float(packed.input_ids.numel()))
+                result["useful_tokens"].append(float(packed.real_tokens))
+    result["minibatch_episodes"] = float(size)
+    return result
+
+
 def _measure_onpolicy(kind: str, args) -> dict[str, Any]:
-    """One on-policy measurement (in a fresh process): ``ppo_generate``, ``ppo``, ``fine_grained`` or
-    ``fine_grained_sequence``."""
+    """One on-policy measurement (in a fresh process): ``ppo_generate``, ``ppo_update``, ``ppo``,
+    ``fine_grained`` or ``fine_grained_sequence``."""
     import lightning as L
 
     import rlhf_lightning.rollout as rollout_lib
@@ -192,6 +249,8 @@ def _measure_onpolicy(kind: str, args) -> dict[str, Any]:
     batches = _prompt_batches(args, tokenizer)
     if kind == "ppo_generate":
         return _measure_generation(args, device, policy_spec, tokenizer, batches)
+    if kind == "ppo_update":
+        return _measure_update_forwards(args, device, policy_spec, tok, batches)
 
     clock = _PhaseClock(device)
     common = dict(
@@ -298,8 +357,28 @@ def bench_ppo(args) -> list[dict[str, Any]]:
                      "pairs_per_s": episodes / wall, "peak_mb": float("nan"), "overhead": basis / bare_basis,
                      "extra": {"generation tokens/s (wall)": f"{tokens / sum(gen[key]):.0f}",
                                "generation tokens/s (CPU)": f"{tokens / sum(gen[f'{key}_cpu']):.0f}"}})
+    rows += update_forward_rows(measure_onpolicy("ppo_update", args), args)
     mode = f"PPOModule step ({args.ppo_epochs} epochs x {args.num_minibatches} minibatches)"
     rows.append(_onpolicy_row("ppo", mode, measure_onpolicy("ppo", args), args))
+    return rows
+
+
+def update_forward_rows(result: dict[str, Any], args) -> list[dict[str, Any]]:
+    """Rows of :func:`_measure_update_forwards`: one minibatch's update forward + backward, padded and
+    padding-free (``pairs/s`` reads as episodes/s; ``step / bare`` against the padded one)."""
+    cuda = _device(args).type == "cuda"
+    useful = sum(result["useful_tokens"])
+    rows = []
+    for name, tokens_key, label in (("padded", "padded_tokens", "padded"), ("padding_free", "packed_tokens", "padding-free")):
+        wall, cpu = _median(result[name]), _median(result[f"{name}_cpu"])
+        basis = sum(result[name if cuda else f"{name}_cpu"])
+        padded_basis = sum(result["padded" if cuda else "padded_cpu"])
+        computed = sum(result[tokens_key])
+        rows.append({"section": "ppo", "mode": f"update forward+backward, {label} (minibatch of {result['minibatch_episodes']:.0f})",
+                     "step_ms": 1000 * wall, "cpu_ms": 1000 * cpu, "pairs_per_s": result["minibatch_episodes"] / wall,
+                     "peak_mb": float("nan"), "overhead": basis / padded_basis,
+                     "extra": {"tokens computed": f"{computed:.0f}", "tokens useful": f"{useful:.0f}",
+                               "padding share": f"{100 * (1 - useful / computed):.1f}%"}})
     return rows
 
 
