@@ -284,7 +284,9 @@ def pack_episodes(
     columns = torch.arange(width, device=input_ids.device)
     in_span = (columns >= first[:, None]) & (columns < (first + lengths)[:, None])
     if not bool((in_span == real).all()):
-        raise ValueError("packing episodes needs each row's real tokens in one span (left-padded prompt, right-padded completion)")
+        raise ValueError(
+            "packing episodes needs each row's real tokens in one span (left-padded prompt, right-padded completion)"
+        )
     source = (columns[None, :] + first[:, None]).clamp(max=width - 1)  # (S, T) column each new column comes from
     aligned_mask = (columns[None, :] < lengths[:, None]).long()
     aligned_ids = torch.where(aligned_mask.bool(), input_ids.gather(1, source), pad_token_id)

@@ -187,7 +187,9 @@ def packed_values(value_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     mask = packed_attention_mask(lm, packed)
     hidden = lm.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)[0]
     if tuple(hidden.shape[:2]) != tuple(packed.input_ids.shape):
-        raise RuntimeError(f"critic backbone returned {tuple(hidden.shape)}, expected hidden states {tuple(packed.input_ids.shape)} + (H,)")
+        raise RuntimeError(
+            f"critic backbone returned {tuple(hidden.shape)}, expected hidden states {tuple(packed.input_ids.shape)} + (H,)"
+        )
     picked = hidden.reshape(-1, hidden.shape[-1])[packed.predictor_positions]  # (N, H)
     return value_model.v_head(picked.to(value_model.v_head.weight.dtype)).squeeze(-1).float()
 

@@ -239,7 +239,8 @@ def _measure_update_forwards(args, device, policy_spec, tokenizer, batches) -> d
                         result[shape][name].append(time.perf_counter() - begin)
                         result[shape][f"{name}_cpu"].append(time.process_time() - cpu_begin)
                 for field in ("logprobs", "values"):
-                    if not torch.allclose(getattr(outs["padded"], field), getattr(outs["padding_free"], field), atol=1e-4, rtol=0):
+                    want, got = getattr(outs["padded"], field), getattr(outs["padding_free"], field)
+                    if not torch.allclose(got, want, atol=1e-4, rtol=0):
                         raise RuntimeError(f"padded and padding-free update forwards disagree on {field}: the comparison is void")
                 if i >= args.warmup:
                     packed = pack_episodes(*inputs)

@@ -119,7 +119,11 @@ def test_losses_and_trained_weights_equal_padded(kind, monkeypatch, tmp_path, to
 
     packed_calls = []
     packed_forward = rollout_module._packed_policy_forward
-    monkeypatch.setattr(rollout_module, "_packed_policy_forward", lambda *a, **k: packed_calls.append(1) or packed_forward(*a, **k))
+    def counted(*args, **kwargs):
+        packed_calls.append(1)
+        return packed_forward(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "_packed_policy_forward", counted)
     runs = {}
     for padding_free in (False, True):
         make = make_ppo if kind == "ppo" else make_pg
@@ -141,7 +145,8 @@ def test_losses_and_trained_weights_equal_padded(kind, monkeypatch, tmp_path, to
             assert abs(got[name] - want[name]) < 1e-5, f"step {step} {name}: {got[name]} vs {want[name]}"
     for name, value in weights.items():
         assert_close(state[name], value, atol=1e-5, rtol=0, msg=name)
-    assert any(not torch.equal(value, value0) for value, value0 in zip(weights.values(), _initial(kind, tiny_config, tokenizer_dir)))
+    initial = _initial(kind, tiny_config, tokenizer_dir)
+    assert any(not torch.equal(value, value0) for value, value0 in zip(weights.values(), initial))  # the runs trained
 
 
 def _initial(kind, tiny_config, tokenizer_dir):
