@@ -34,7 +34,8 @@ Shared options and where they depart from the papers:
 * ``padding_free`` (default on): the rollout's old-log-prob / value / reference forwards and every update
   forward run over the episodes packed into rows without padding (``rollout.policy_forward``), with the
   output layer only at the completion's positions; results are scattered back to the padded ``(N, T')``
-  grid, so losses, GAE and masks are those of the padded path (equal within float tolerance).
+  grid, so losses, GAE and masks are those of the padded path (equal within float tolerance). The
+  ``ptx_coef`` SFT batches are packed as ``SFTModule`` packs them.
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ from rlhf_lightning.losses import (
     mean_var_from_moment_sums,
     whiten,
 )
+from rlhf_lightning.data.packing import pack_sequences
 from rlhf_lightning.models import ModelSpecArg, freeze, load_causal_lm
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
+from rlhf_lightning.modules.packed_forward import packed_logprobs, packing_mode
 from rlhf_lightning.rewards import EnsembleRewardSource, GoldRewardSource, RewardTransform
 from rlhf_lightning.rollout import PolicyForward, Rollout, collect_rollout, policy_forward
 from rlhf_lightning.strategies import clip_gradient_norm, set_deepspeed_gradient_clipping
@@ -265,7 +268,16 @@ class OnPolicyModuleBase(RLHFModuleBase):
             self._ptx_batches = self._cycle_ptx()
         batch = next(self._ptx_batches)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        out = causal_lm_logprobs(self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        score_mask = batch["completion_mask"] * batch["attention_mask"]
+        if self.padding_free and packing_mode(self.policy) is not None:  # as SFTModule packs the same batches
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+            packed = pack_sequences(
+                batch["input_ids"], batch["attention_mask"], score_mask, max_tokens=self.max_row_tokens,
+                pad_token_id=int(pad) if pad is not None else 0,
+            )
+            out = packed_logprobs(self.policy, packed)
+            return -out.token_logps.sum() / out.tokens.sum().clamp(min=1.0)
+        out = causal_lm_logprobs(self.policy, batch["input_ids"], batch["attention_mask"], score_mask)
         return -out.tokens.sum() / out.mask.sum().clamp(min=1.0)
 
     def _cycle_ptx(self) -> Iterator[Mapping[str, torch.Tensor]]:

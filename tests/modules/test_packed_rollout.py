@@ -152,3 +152,33 @@ def test_losses_and_trained_weights_equal_padded(kind, monkeypatch, tmp_path, to
 def _initial(kind, tiny_config, tokenizer_dir):
     module = (make_ppo if kind == "ppo" else make_pg)(tiny_config, tokenizer_dir)
     return list(module.model.state_dict().values())
+
+
+def test_ptx_loss_equals_padded(monkeypatch, tokenizer_dir, assets_dir, tiny_config):
+    """The PPO-ptx SFT term packs its demonstrations as SFTModule does: the same NLL and gradients."""
+    import os
+
+    import rlhf_lightning.modules.on_policy as on_policy_module
+    from rlhf_lightning.data import DemonstrationDataModule
+
+    packed_calls = []
+    original = on_policy_module.packed_logprobs
+
+    def counted(*args, **kwargs):
+        packed_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(on_policy_module, "packed_logprobs", counted)
+    results = {}
+    for padding_free in (False, True):
+        sft = DemonstrationDataModule(train_file=os.path.join(assets_dir, "sft_tiny.jsonl"), batch_size=4, shuffle=False)
+        module = make_ppo(tiny_config, tokenizer_dir, ptx_coef=1.0, ptx_data=sft, padding_free=padding_free)
+        losses = [module._ptx_loss() for _ in range(2)]
+        losses[0].backward()
+        grads = {name: p.grad.clone() for name, p in module.policy.named_parameters() if p.grad is not None}
+        results[padding_free] = (torch.stack(losses).detach(), grads)
+    assert len(packed_calls) == 2
+    assert_close(results[True][0], results[False][0], atol=1e-5, rtol=0)
+    assert len(results[False][1]) > 0
+    for name, grad in results[False][1].items():
+        assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
