@@ -182,3 +182,24 @@ def test_ptx_loss_equals_padded(monkeypatch, tokenizer_dir, assets_dir, tiny_con
     assert len(results[False][1]) > 0
     for name, grad in results[False][1].items():
         assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unsupported_attention_falls_back_to_padded(monkeypatch, caplog, tokenizer, tiny_config):
+    """An attention implementation that takes no packed rows runs the padded forward, with the one-time
+    warning of ``packing_mode``."""
+    import logging
+
+    import rlhf_lightning.modules.packed_forward as packed_forward_module
+    import rlhf_lightning.rollout as rollout_module
+
+    torch.manual_seed(0)
+    model = CausalLMWithValueHead(tiny_config, tokenizer=tokenizer, value_head_init_std=0.5).eval()
+    batch = episodes(model.config.vocab_size)
+    padded = policy_forward(model, *batch)
+    monkeypatch.setattr(packed_forward_module, "_MASK_IMPLEMENTATIONS", ())  # sdpa no longer "supported"
+    monkeypatch.setattr(packed_forward_module, "_warned", set())
+    monkeypatch.setattr(rollout_module, "_packed_policy_forward", lambda *a, **k: pytest.fail("packed path taken"))
+    with caplog.at_level(logging.WARNING):
+        got = policy_forward(model, *batch, padding_free=True)
+    assert "falling back to padded" in caplog.text
+    assert torch.equal(got.logprobs, padded.logprobs) and torch.equal(got.values, padded.values)
