@@ -20,6 +20,11 @@ Where this departs from a plain ``model.generate`` call, and why:
   out (:func:`truncate_at_stop`): masks never depend on ``pad_token_id != eos_token_id``.
 * HF ``generate`` draws from the global torch RNG and takes no ``torch.Generator``; ``seed`` forks the
   RNG state so that a seeded call is reproducible and leaves the caller's RNG untouched.
+* Group sampling (``num_samples_per_prompt = G``) repeats each prompt G times (``repeat_interleave``). With
+  ``share_prompt_prefill`` the prompts are instead encoded once: one forward over the B prompts (all but
+  their last token) fills a KV cache, which is repeated G times (``DynamicCache.batch_repeat_interleave``)
+  and handed to ``generate``, which then only runs the last prompt token and the new tokens. The samples
+  are the same as without it (same RNG draws; tested), the prompt prefill costs B rows instead of B x G.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class SamplingConfig:
         do_sample: False gives greedy decoding (temperature/top-k/top-p are then ignored).
         num_samples_per_prompt: completions drawn per prompt (contiguous in the output).
         stop_token_ids: extra ids that end a completion like EOS does (EOS always does).
+        share_prompt_prefill: with ``num_samples_per_prompt > 1``, encode each prompt once and repeat its
+            KV cache rather than the prompt (see the module docstring); off by default.
     """
 
     max_new_tokens: int = 32
@@ -66,6 +73,7 @@ class SamplingConfig:
     do_sample: bool = True
     num_samples_per_prompt: int = 1
     stop_token_ids: list[int] | None = field(default=None)
+    share_prompt_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -226,6 +234,22 @@ def _model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _shared_prompt_cache(model: nn.Module, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor, group: int):
+    """KV cache of the B prompts without their last token, each row repeated ``group`` times (B*G rows)."""
+    from rlhf_lightning.logprobs import position_ids_from_attention_mask
+
+    ids, mask = prompt_input_ids[:, :-1], prompt_attention_mask[:, :-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask), use_cache=True)
+    cache = out.cache if _cache_kwarg(type(out)) == "cache" else out.past_key_values
+    cache.batch_repeat_interleave(group)
+    return cache
+
+
+def _cache_kwarg(output_type) -> str:
+    """The ``generate`` keyword of a prefilled cache: ``cache`` (transformers >= 5.x), else ``past_key_values``."""
+    return "cache" if "cache" in getattr(output_type, "__dataclass_fields__", {}) else "past_key_values"
+
+
 def generate(
     model: nn.Module,
     tokenizer,
@@ -240,6 +264,7 @@ def generate(
     num_samples_per_prompt: int = 1,
     stop_token_ids: Sequence[int] | None = None,
     seed: int | None = None,
+    share_prompt_prefill: bool = False,
 ) -> GenerationOutput:
     """Sample completions with the KV cache, under ``torch.no_grad()`` and in eval mode.
 
@@ -256,6 +281,7 @@ def generate(
             of prompt b are rows ``b * n ... b * n + n - 1``.
         stop_token_ids: extra ids that end a completion (EOS always does).
         seed: if given, sampling is reproducible and the global RNG state is left unchanged.
+        share_prompt_prefill: encode each prompt once and repeat its KV cache G times (module docstring).
 
     Returns:
         A :class:`GenerationOutput`. Generation stops early once every row has stopped, so
@@ -269,6 +295,7 @@ def generate(
         do_sample=do_sample,
         num_samples_per_prompt=num_samples_per_prompt,
         stop_token_ids=list(stop_token_ids) if stop_token_ids is not None else None,
+        share_prompt_prefill=share_prompt_prefill,
     )
     if prompt_input_ids.dim() != 2 or prompt_input_ids.shape != prompt_attention_mask.shape:
         raise ValueError(
@@ -288,7 +315,14 @@ def generate(
     prompt_input_ids = prompt_input_ids.to(device)
     prompt_attention_mask = prompt_attention_mask.to(device)
     batch_size, prompt_length = prompt_input_ids.shape
-    prompt_index = torch.arange(batch_size, device=device).repeat_interleave(config.num_samples_per_prompt)
+    group = config.num_samples_per_prompt
+    # Every row needs a real token before the last one, or its prefill would attend to nothing.
+    prefill_once = (
+        config.share_prompt_prefill and group > 1 and prompt_length > 1
+        and bool((prompt_attention_mask[:, :-1].sum(dim=1) > 0).all())
+    )
+    unique_ids, unique_mask = prompt_input_ids, prompt_attention_mask
+    prompt_index = torch.arange(batch_size, device=device).repeat_interleave(group)
     prompt_input_ids = prompt_input_ids[prompt_index]
     prompt_attention_mask = prompt_attention_mask[prompt_index]
 
@@ -308,6 +342,10 @@ def generate(
         # Explicit values override the checkpoint's generation_config and transformers' global top_k=50.
         kwargs.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     with eval_mode(model, generator_model), torch.no_grad(), _seeded(seed, device):
+        if prefill_once:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            kwargs[_cache_kwarg(CausalLMOutputWithPast)] = _shared_prompt_cache(generator_model, unique_ids, unique_mask, group)
         sequences = generator_model.generate(
             input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, **kwargs
         )

@@ -42,10 +42,19 @@ __all__ = [
     "masked_nll",
     "dense_reward",
     "dense_reward_from_segments",
+    "group_advantages",
+    "discounted_returns",
+    "reinforce_pp_advantages",
+    "remax_advantages",
+    "policy_gradient_loss",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 KL_KINDS = ("k1", "k2", "k3", "abs")
+GROUP_BASELINES = ("mean", "leave_one_out")
+GROUP_SCALES = ("std", "none")
+RATIO_LEVELS = ("token", "sequence")
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum_norm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,6 +601,243 @@ def ppo_value_loss(
             "vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask),
             "value_mean": masked_mean(values, mask),
         }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free policy gradient: GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++, ReMax
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    *,
+    baseline: str = "mean",
+    scale: str = "std",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Advantages of ``N = P * G`` completions from their group's scores (one group per prompt).
+
+    For completion ``i`` of a group with scores ``s_1 .. s_G``:
+
+    * ``baseline="mean"``: ``A_i = s_i - mean_j s_j`` (GRPO, Shao et al. 2024, eq. 3 outcome supervision);
+    * ``baseline="leave_one_out"``: ``A_i = s_i - mean_{j != i} s_j = G/(G-1) (s_i - mean_j s_j)``
+      (RLOO, Ahmadian et al. 2024, eq. 5; needs ``G >= 2``);
+    * ``scale="std"``: divide by ``std_j s_j + eps`` (unbiased std, as GRPO's reference code); ``"none"``
+      keeps the raw difference (Dr. GRPO, Liu et al. 2025, which drops the std to remove the
+      question-difficulty bias; RLOO).
+
+    GRPO = mean/std, Dr. GRPO = mean/none, RLOO = leave_one_out/none. A group of equal scores gives
+    exact zeros (its difference is 0 before any division), never NaN; ``G = 1`` with ``"mean"`` gives
+    zeros too (the only completion is its own baseline).
+
+    Args:
+        scores: ``(N,)`` sequence scores, grouped consecutively (rows ``p*G .. p*G+G-1`` share prompt p,
+            the ``repeat_interleave`` order of :func:`~rlhf_lightning.generation.generate`).
+        group_size: G.
+        baseline / scale / eps: see above.
+
+    Returns:
+        ``(N,)`` advantages, same dtype as ``scores``.
+    """
+    if baseline not in GROUP_BASELINES:
+        raise ValueError(f"group_advantages: baseline must be one of {GROUP_BASELINES}, got {baseline!r}")
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"group_advantages: scale must be one of {GROUP_SCALES}, got {scale!r}")
+    if scores.dim() != 1 or group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(
+            f"group_advantages: scores must be (N,) with N a multiple of group_size; got shape "
+            f"{tuple(scores.shape)} and group_size {group_size}"
+        )
+    if baseline == "leave_one_out" and group_size < 2:
+        raise ValueError("group_advantages: the leave-one-out baseline needs group_size >= 2")
+    grouped = scores.view(-1, group_size)  # (P, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if baseline == "leave_one_out":
+        centred = centred * (group_size / (group_size - 1))
+    if scale == "std":
+        std = grouped.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """Return-to-go ``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the valid tokens of each row.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards; entries outside ``mask`` are never read.
+        mask: ``(B, T)``, 1 on response tokens (contiguous per row).
+        gamma: discount factor.
+
+    Returns:
+        ``(B, T)`` returns, 0 outside ``mask``.
+    """
+    valid = mask.bool()
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    rewards = torch.where(valid, rewards, zero)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(valid[:, t], rewards[:, t] + gamma * running, zero)
+        returns[:, t] = running
+    return returns
+
+
+def reinforce_pp_advantages(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float | torch.Tensor,
+    gamma: float = 1.0,
+    baseline: torch.Tensor | None = None,
+    normalize: bool = True,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ advantages (Hu 2025, eqs. 5-7), and ReMax's when ``baseline`` is given.
+
+    Token reward ``r_t = 1[t = last] (s - b) - kl_coef * kl_t`` (the score minus an optional per-sequence
+    baseline ``b`` on the last action, the KL penalty on every action: :func:`dense_reward`), return
+    ``G_t = sum_{s >= t} gamma^(s - t) r_s`` (:func:`discounted_returns`), and, with ``normalize``, the
+    advantage ``A_t = (G_t - mean) / std`` with the mean and std over *every valid token of the global
+    batch* — pass ``mean``/``var`` computed across data-parallel ranks (all-reduced
+    :func:`masked_moment_sums`), or they are this batch's own.
+
+    ReMax (Li et al. 2024, Algorithm 1): ``baseline`` = the score of the greedy completion of the same
+    prompt, and ``normalize=False`` (the paper does not normalise).
+
+    Args:
+        scores: ``(B,)`` sequence scores.
+        kl: ``(B, T)`` per-token KL estimate (e.g. :func:`kl_penalty` ``k1``), 0 where not penalised.
+        mask: ``(B, T)``, 1 on response tokens.
+        kl_coef: KL coefficient (0 disables the penalty).
+        gamma: discount factor.
+        baseline: optional ``(B,)`` per-sequence baseline subtracted from the score.
+        normalize: whiten the returns over the (global) batch.
+        mean / var: global statistics of the returns for the normalisation (both or neither).
+        eps: added to the variance.
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)`` and 0 outside ``mask``.
+    """
+    if baseline is not None:
+        scores = scores - baseline.to(scores.dtype)
+    rewards = dense_reward(kl, scores.to(kl.dtype), mask, kl_coef=kl_coef)
+    returns = discounted_returns(rewards, mask, gamma=gamma)
+    if not normalize:
+        return returns.clone(), returns
+    return whiten(returns, mask, mean=mean, var=var, eps=eps), returns
+
+
+def remax_advantages(scores: torch.Tensor, greedy_scores: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """ReMax's sequence advantage (Li et al. 2024, eq. 6): ``A_i = s_i - s_greedy(prompt of i)``.
+
+    Args:
+        scores: ``(N,)`` scores of sampled completions, ``N = P * G`` grouped per prompt.
+        greedy_scores: ``(P,)`` scores of each prompt's greedy completion.
+        group_size: G samples per prompt.
+
+    Returns:
+        ``(N,)``.
+    """
+    if greedy_scores.dim() != 1 or greedy_scores.shape[0] * group_size != scores.shape[0]:
+        raise ValueError(
+            f"remax_advantages: expected greedy_scores (P,) with P * group_size = N; got "
+            f"{tuple(greedy_scores.shape)}, group_size {group_size}, scores {tuple(scores.shape)}"
+        )
+    return scores - greedy_scores.to(scores.dtype).repeat_interleave(group_size)
+
+
+def _aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, token_norm: float | None) -> torch.Tensor:
+    if how == "token_mean":
+        return masked_mean(values, mask)
+    if how == "sequence_mean":
+        return masked_mean(values, mask, dim=1).mean()
+    norm = float(token_norm) if token_norm is not None else float(mask.shape[1])
+    return masked_sum(values, mask) / (mask.shape[0] * norm)
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_range_low: float = 0.2,
+    clip_range_high: float | None = None,
+    ratio_level: str = "token",
+    loss_aggregation: str = "token_mean",
+    token_norm: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float | torch.Tensor = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-gradient loss of the critic-free family (GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++).
+
+    Per token: ``l_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high)) + kl_coef * k3_t``.
+
+    * ``ratio_level="token"``: ``r_t = pi(y_t) / pi_old(y_t)`` (PPO, GRPO eq. 3).
+    * ``ratio_level="sequence"`` (GSPO, Zheng et al. 2025, eq. 7 and its token form eq. 13): the
+      length-normalised sequence ratio ``s = exp(mean_t log(pi / pi_old))`` clipped as a whole; written as
+      ``r_t = sg[s] * pi(y_t) / sg[pi(y_t)]`` so that per-token advantages still work and, with one
+      advantage per sequence, the gradient is exactly GSPO's.
+    * ``clip_range_high`` > ``clip_range_low`` is DAPO's clip-higher (Yu et al. 2025, eq. 10).
+    * the KL term (``ref_logprobs`` given, ``kl_coef > 0``) is GRPO's in-loss k3 estimator
+      ``pi_ref/pi - log(pi_ref/pi) - 1`` (eq. 4); put the KL in the reward instead by shaping the
+      advantages and leaving ``kl_coef=0`` here.
+    * ``loss_aggregation``: ``"token_mean"`` — sum over every token of the batch / number of tokens
+      (DAPO's token-level loss, eq. 12); ``"sequence_mean"`` — mean over sequences of each sequence's
+      token mean (GRPO, eq. 3); ``"token_sum_norm"`` — sum over tokens / (B * ``token_norm``), a constant
+      (Dr. GRPO: the generation budget, ``token_norm=None`` uses the tensor width T).
+
+    Args:
+        logprobs: ``(B, T)`` current log-probs of the rollout tokens (with grad).
+        old_logprobs: ``(B, T)`` log-probs at rollout time.
+        advantages: ``(B, T)`` per-token or ``(B,)`` per-sequence advantages.
+        mask: ``(B, T)``, 1 on response tokens.
+        clip_range_low / clip_range_high: ratio clip ``[1 - low, 1 + high]``; ``high=None`` is ``low``.
+        ratio_level / loss_aggregation / token_norm / ref_logprobs / kl_coef: see above.
+
+    Returns:
+        ``(loss, stats)``: scalar loss and detached scalars ``clipfrac``, ``approx_kl`` (k3 of
+        KL(pi_old || pi), token mean), ``ratio_mean`` and, with a KL term, ``kl_loss`` (its token mean).
+    """
+    clip_range_high = clip_range_low if clip_range_high is None else clip_range_high
+    if clip_range_low <= 0 or clip_range_high <= 0:
+        raise ValueError(f"policy_gradient_loss: clip ranges must be > 0, got {clip_range_low}, {clip_range_high}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"policy_gradient_loss: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    if loss_aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(
+            f"policy_gradient_loss: loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {loss_aggregation!r}"
+        )
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1).expand_as(logprobs)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, zero)
+    if ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        sequence_log_ratio = masked_mean(log_ratio, mask, dim=1)  # (B,)
+        ratio = torch.exp(sequence_log_ratio.detach().unsqueeze(1) + logprobs - logprobs.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range_low, 1.0 + clip_range_high)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = None
+    if ref_logprobs is not None and (torch.is_tensor(kl_coef) or kl_coef != 0):
+        kl = kl_penalty(logprobs, ref_logprobs, kind="k3")
+        per_token = per_token + kl_coef * kl
+    loss = _aggregate(per_token, mask, loss_aggregation, token_norm)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs, kind="k3"), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+        if kl is not None:
+            stats["kl_loss"] = masked_mean(kl, mask)
     return loss, stats
 
 

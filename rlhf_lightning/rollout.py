@@ -47,7 +47,15 @@ from rlhf_lightning.generation import (
 )
 from rlhf_lightning.logprobs import entropy_from_logits, position_ids_from_attention_mask, token_logprobs
 
-__all__ = ["Rollout", "PolicyForward", "policy_forward", "collect_rollout", "RolloutCollector"]
+__all__ = [
+    "Rollout",
+    "PolicyForward",
+    "policy_forward",
+    "collect_rollout",
+    "RolloutCollector",
+    "concat_rollouts",
+    "greedy_scores",
+]
 
 
 @dataclass
@@ -66,11 +74,13 @@ class Rollout:
         raw_scores: ``(N,)`` float32 sequence rewards as the reward source returned them.
         finished: ``(N,)`` bool, True if the completion ended with EOS/stop (not truncated).
         completion_lengths: ``(N,)`` completion tokens incl. the stop token.
-        prompt_index: ``(N,)`` row of the prompt batch each sample came from.
+        prompt_index: ``(N,)`` row of the prompt batch each sample came from: the group id of group
+            sampling (``num_samples_per_prompt = G`` puts the G samples of a prompt in consecutive rows).
         index: ``(N,)`` dataset index of the prompt (from the batch's ``index``), or None.
         prompt_length: ``P``; completions start at column ``P`` of ``input_ids``.
         prompt_text: N prompt strings (repeated per sample).
         completion_text: N decoded completions (special tokens skipped).
+        group_size: G, samples per prompt (rows ``g*G .. g*G+G-1`` are prompt g's group).
     """
 
     input_ids: torch.Tensor
@@ -89,6 +99,7 @@ class Rollout:
     prompt_length: int
     prompt_text: list[str]
     completion_text: list[str]
+    group_size: int = 1
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -146,6 +157,8 @@ def policy_forward(
     temperature: float = 1.0,
     value_model: nn.Module | None = None,
     return_entropy: bool = False,
+    padding_free: bool = False,
+    max_row_tokens: int | None = None,
 ) -> PolicyForward:
     """Per-token log-probs (and values) of a policy on full sequences, on the shifted grid.
 
@@ -162,7 +175,19 @@ def policy_forward(
         value_model: a separate critic with ``.values(input_ids, attention_mask, position_ids) -> (N, T)``
             (e.g. a ``CausalLMWithValueHead``); overrides the policy's own head when given.
         return_entropy: also return per-token entropy of the (tempered) policy.
+        padding_free: run the forward(s) over the episodes packed into rows without padding
+            (:func:`~rlhf_lightning.data.packing.pack_episodes`; the output layer, log-softmax, entropy and
+            value head only at the M scored positions) and scatter the results back to the ``(N, T')``
+            grid: the same numbers as the padded forward. Models whose attention takes no packed rows
+            (and separate critics that are not a ``CausalLMWithValueHead``) use the padded forward, with a
+            one-time warning for the attention case.
+        max_row_tokens: token budget of a packed row (None: the longest episode).
     """
+    if padding_free and _packable(model, value_model):
+        return _packed_policy_forward(
+            model, input_ids, attention_mask, completion_mask, temperature=temperature, value_model=value_model,
+            return_entropy=return_entropy, max_row_tokens=max_row_tokens,
+        )
     position_ids = position_ids_from_attention_mask(attention_mask)
     values = None
     if _is_value_head_model(model):
@@ -181,6 +206,53 @@ def policy_forward(
         values = values[:, :-1].float() * mask
     entropy = entropy_from_logits(logits, mask) if return_entropy else None
     return PolicyForward(logprobs=logprobs, mask=mask, values=values, entropy=entropy)
+
+
+def _packable(model: nn.Module, value_model: nn.Module | None) -> bool:
+    from rlhf_lightning.modules.packed_forward import packing_mode  # lazy: modules/ imports this module
+
+    if packing_mode(_reference_lm(model)) is None:
+        return False
+    return value_model is None or (_is_value_head_model(value_model) and packing_mode(value_model.pretrained_model) is not None)
+
+
+def _packed_policy_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float,
+    value_model: nn.Module | None,
+    return_entropy: bool,
+    max_row_tokens: int | None,
+) -> PolicyForward:
+    """:func:`policy_forward` over packed episodes (see its ``padding_free``). M = scored tokens."""
+    from rlhf_lightning.data.packing import pack_episodes
+    from rlhf_lightning.modules.packed_forward import packed_scored_logits, packed_values
+
+    packed = pack_episodes(input_ids, attention_mask, completion_mask, max_tokens=max_row_tokens)
+    mask = (completion_mask[:, 1:] * attention_mask[:, 1:]).float()
+    scored = mask.bool()  # M True entries, in the order of the packed labels (row-major)
+    if packed.label_ids.numel() != int(scored.sum()):
+        raise RuntimeError(f"packed {packed.label_ids.numel()} scored tokens, the completion mask has {int(scored.sum())}")
+    value_head = _is_value_head_model(model) and value_model is None
+    out = packed_scored_logits(_reference_lm(model), packed, return_hidden=value_head)
+    logits = out.logits  # (M, V) float32
+    if temperature != 1.0:
+        logits = logits / temperature
+    token_logps = logits.gather(-1, packed.label_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+
+    def to_grid(per_token: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(scored, per_token.float())
+
+    values = None
+    if value_head:
+        values = to_grid(model.v_head(out.hidden.to(model.v_head.weight.dtype)).squeeze(-1))
+    elif value_model is not None:
+        values = to_grid(packed_values(value_model, packed))
+    entropy = to_grid(entropy_from_logits(logits)) if return_entropy else None
+    return PolicyForward(logprobs=to_grid(token_logps), mask=mask, values=values, entropy=entropy)
 
 
 def _reference_lm(model: nn.Module) -> nn.Module:
@@ -214,6 +286,8 @@ def collect_rollout(
     reward_transform: Callable[..., torch.Tensor] | None = None,
     forward_batch_size: int | None = None,
     seed: int | None = None,
+    padding_free: bool = False,
+    max_row_tokens: int | None = None,
     **sampling_overrides: Any,
 ) -> Rollout:
     """Generate completions for a prompt batch, score them, and record old log-probs, ref log-probs and values.
@@ -232,6 +306,8 @@ def collect_rollout(
         reward_transform: optional ``(scores, *, finished) -> scores`` (e.g. ``RewardTransform``).
         forward_batch_size: rows per no-grad forward pass (None: all at once).
         seed: makes sampling reproducible without touching the global RNG.
+        padding_free / max_row_tokens: the old-log-prob, value and reference forwards run over packed
+            episodes (see :func:`policy_forward`).
 
     Returns:
         A :class:`Rollout` on the policy's device.
@@ -250,6 +326,7 @@ def collect_rollout(
         num_samples_per_prompt=config.num_samples_per_prompt,
         stop_token_ids=config.stop_token_ids,
         seed=seed,
+        share_prompt_prefill=config.share_prompt_prefill,
     )
     # Greedy decoding has no temperature; log-probs are then those of the untempered policy.
     temperature = config.temperature if config.do_sample else 1.0
@@ -258,7 +335,10 @@ def collect_rollout(
     with eval_mode(policy, reference, value_model):
         for rows in _chunks(len(gen.input_ids), forward_batch_size):
             ids, attn, comp = gen.input_ids[rows], gen.attention_mask[rows], gen.completion_mask[rows]
-            out = policy_forward(policy, ids, attn, comp, temperature=temperature, value_model=value_model)
+            out = policy_forward(
+                policy, ids, attn, comp, temperature=temperature, value_model=value_model, padding_free=padding_free,
+                max_row_tokens=max_row_tokens,
+            )
             logprobs.append(out.logprobs)
             masks.append(out.mask)
             if out.values is not None:
@@ -271,6 +351,8 @@ def collect_rollout(
                     attn.to(ref_device),
                     comp.to(ref_device),
                     temperature=temperature,
+                    padding_free=padding_free,
+                    max_row_tokens=max_row_tokens,
                 )
                 ref_logprobs.append(ref.logprobs.to(ids.device))
 
@@ -313,7 +395,90 @@ def collect_rollout(
         prompt_length=gen.prompt_length,
         prompt_text=prompt_text,
         completion_text=completion_text,
+        group_size=config.num_samples_per_prompt,
     )
+
+
+def concat_rollouts(rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+    """Stack rollouts row-wise (e.g. DAPO's refilled groups), re-padding them to one layout.
+
+    Each part is left padded to the widest prompt and right padded to the longest completion, so the
+    result keeps the layout of a single rollout (prompt in ``[:P]``, completion from column ``P``);
+    ``prompt_index`` is offset per part so group ids stay distinct. All parts must share ``group_size``
+    and have (or lack) the same optional fields.
+    """
+    if not rollouts:
+        raise ValueError("concat_rollouts needs at least one rollout")
+    if len({r.group_size for r in rollouts}) != 1:
+        raise ValueError("concat_rollouts: every rollout must have the same group_size")
+    prompt_length = max(r.prompt_length for r in rollouts)
+    completion_length = max(r.input_ids.shape[1] - r.prompt_length for r in rollouts)
+    fills = {"input_ids": pad_token_id}
+    parts: dict[str, list] = {}
+    offset = 0
+    for r in rollouts:
+        left, right = prompt_length - r.prompt_length, completion_length - (r.input_ids.shape[1] - r.prompt_length)
+        for f in fields(r):
+            value = getattr(r, f.name)
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                value = torch.nn.functional.pad(value, (left, right), value=fills.get(f.name, 0))
+            elif f.name == "prompt_index":
+                value = value + offset
+            parts.setdefault(f.name, []).append(value)
+        offset += int(r.prompt_index.max()) + 1 if len(r) else 0
+    merged: dict[str, Any] = {}
+    for name, values in parts.items():
+        if isinstance(values[0], torch.Tensor):
+            merged[name] = torch.cat(values)
+        elif isinstance(values[0], list):
+            merged[name] = [item for value in values for item in value]
+        elif values[0] is None:
+            if any(v is not None for v in values):
+                raise ValueError(f"concat_rollouts: field {name!r} is None in some rollouts only")
+            merged[name] = None
+        else:
+            merged[name] = values[0]
+    merged["prompt_length"] = prompt_length
+    return Rollout(**merged)
+
+
+@torch.no_grad()
+def greedy_scores(
+    policy: nn.Module,
+    tokenizer,
+    prompt_batch: Mapping[str, Any],
+    *,
+    reward_fn: Callable[..., torch.Tensor],
+    sampling: SamplingConfig,
+    reward_transform: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``(B,)`` scores of each prompt's greedy completion: ReMax's baseline (Li et al. 2024, Algorithm 1).
+
+    One greedy completion per prompt with the rollout's length limit and stop tokens; a reward transform
+    is applied without updating its running statistics (the baseline must not count as data).
+    """
+    gen = generate(
+        policy,
+        tokenizer,
+        prompt_batch["prompt_input_ids"],
+        prompt_batch["prompt_attention_mask"],
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=False,
+        stop_token_ids=sampling.stop_token_ids,
+    )
+    prompts = prompt_batch.get("prompt_text")
+    if prompts is None:
+        prompts = tokenizer.batch_decode(
+            [row[m.bool()].tolist() for row, m in zip(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"])],
+            skip_special_tokens=True,
+        )
+    completions = decode_completions(tokenizer, gen.completion_ids, gen.completion_mask[:, gen.prompt_length :])
+    scores = torch.as_tensor(
+        reward_fn(list(prompts), completions, input_ids=gen.input_ids, attention_mask=gen.attention_mask)
+    ).to(device=gen.input_ids.device, dtype=torch.float32)
+    if reward_transform is not None:
+        scores = reward_transform(scores, finished=gen.finished, update=False)
+    return scores
 
 
 class RolloutCollector:

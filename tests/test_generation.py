@@ -139,3 +139,23 @@ def test_generate_rejects_right_padding(tiny_model, tokenizer):
     ids, mask = tokenize_prompts(tokenizer, PROMPTS)
     with pytest.raises(ValueError, match="LEFT"):
         generate(tiny_model, tokenizer, ids.flip(1), mask.flip(1), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_shared_prompt_prefill_encodes_each_prompt_once_and_samples_the_same(tiny_model, tokenizer, do_sample):
+    """share_prompt_prefill: the first forward sees the B prompts (minus their last token) once, not B x G
+    rows, and the seeded samples are exactly those of the repeated-prompt path."""
+    prompts = ["the movie was", "i loved it and the acting was great", "boring"]
+    ids, mask = tokenize_prompts(tokenizer, prompts)
+    kwargs = dict(max_new_tokens=6, num_samples_per_prompt=3, do_sample=do_sample, seed=3)
+    plain = generate(tiny_model, tokenizer, ids, mask, **kwargs)
+    shapes = []
+    hook = tiny_model.register_forward_pre_hook(lambda module, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        shared = generate(tiny_model, tokenizer, ids, mask, share_prompt_prefill=True, **kwargs)
+    finally:
+        hook.remove()
+    assert shapes[0] == (3, ids.shape[1] - 1)  # the prompts, once each
+    assert shapes[1] == (9, 1)  # then the 9 samples continue from the repeated cache: last prompt token only
+    for field in ("input_ids", "attention_mask", "completion_mask", "prompt_index"):
+        assert torch.equal(getattr(plain, field), getattr(shared, field)), field

@@ -13,7 +13,12 @@ from torch.testing import assert_close
 from rlhf_lightning.losses import (
     dense_reward,
     dense_reward_from_segments,
+    discounted_returns,
     dpo_loss,
+    group_advantages,
+    policy_gradient_loss,
+    reinforce_pp_advantages,
+    remax_advantages,
     gae,
     kl_penalty,
     masked_mean,
@@ -641,3 +646,171 @@ def test_dense_reward_is_one_segment_at_last_token():
     assert_close(dense_reward(kl, scores, mask, kl_coef=coef), via_segments)
     with pytest.raises(ValueError, match=r"\(B, S\)"):
         dense_reward_from_segments(kl, scores[:, None], torch.tensor([4, 1, 3]), mask, kl_coef=coef)
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free family: group advantages, REINFORCE++, ReMax, the clipped policy-gradient loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_grpo_by_hand():
+    """Group 1 = (1, 2, 3): mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + eps). Group 2 = (0, 0, 6): mean 2,
+    std sqrt((4 + 4 + 16) / 2) = sqrt(12) -> (-2, -2, 4) / sqrt(12)."""
+    scores = t(1.0, 2.0, 3.0, 0.0, 0.0, 6.0)
+    s12 = math.sqrt(12.0)
+    expected = t(-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6), -2 / (s12 + 1e-6), -2 / (s12 + 1e-6), 4 / (s12 + 1e-6))
+    assert_close(group_advantages(scores, 3), expected)
+    # Dr. GRPO: the same differences, unscaled.
+    assert_close(group_advantages(scores, 3, scale="none"), t(-1.0, 0.0, 1.0, -2.0, -2.0, 4.0))
+
+
+def test_group_advantages_rloo_by_hand():
+    """Leave-one-out: A_i = s_i - mean of the others. Group (1, 2, 3): 1 - 2.5, 2 - 2, 3 - 1.5;
+    group (0, 0, 6): 0 - 3, 0 - 3, 6 - 0. Equal to G/(G-1) (s_i - mean)."""
+    scores = t(1.0, 2.0, 3.0, 0.0, 0.0, 6.0)
+    expected = t(-1.5, 0.0, 1.5, -3.0, -3.0, 6.0)
+    assert_close(group_advantages(scores, 3, baseline="leave_one_out", scale="none"), expected)
+    # The plain loop over "the others".
+    loop = torch.stack([scores[i] - torch.cat([scores[g * 3 : i], scores[i + 1 : g * 3 + 3]]).mean()
+                        for g in range(2) for i in range(g * 3, g * 3 + 3)])
+    assert_close(group_advantages(scores, 3, baseline="leave_one_out", scale="none"), loop)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "leave_one_out"])
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_group_advantages_equal_scores_give_zeros_not_nan(baseline, scale):
+    scores = t(0.7, 0.7, 0.7, 0.7, -2.0, -2.0, -2.0, -2.0)
+    advantages = group_advantages(scores, 4, baseline=baseline, scale=scale)
+    assert torch.equal(advantages, torch.zeros_like(scores))
+    # A single sample per prompt is its own mean: zeros, not NaN.
+    assert torch.equal(group_advantages(t(3.0, -1.0), 1), t(0.0, 0.0))
+
+
+def test_group_advantages_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(t(1.0, 2.0, 3.0), 2)
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(t(1.0, 2.0), 2, baseline="median")
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(t(1.0, 2.0), 2, scale="mad")
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(t(1.0, 2.0), 1, baseline="leave_one_out")
+
+
+def test_discounted_returns_by_hand():
+    """Row 0 (right padded) r = (1, 2, 3, pad), gamma 0.5: G = (1 + 0.5*2 + 0.25*3, 2 + 0.5*3, 3) =
+    (2.75, 3.5, 3). Row 1 (left padded) r = (pad, 4, 0, 2): G = (_, 4 + 0 + 0.25*2, 0 + 1, 2) = (_, 4.5, 1, 2)."""
+    rewards = t(1.0, 2.0, 3.0, 99.0, 99.0, 4.0, 0.0, 2.0).view(2, 4)
+    mask = t(1, 1, 1, 0, 0, 1, 1, 1).view(2, 4)
+    expected = t(2.75, 3.5, 3.0, 0.0, 0.0, 4.5, 1.0, 2.0).view(2, 4)
+    assert_close(discounted_returns(rewards, mask, gamma=0.5), expected)
+
+
+def test_reinforce_pp_advantages_by_hand():
+    """scores (1, -1), kl = 1 on every valid token, kl_coef 0.5, gamma 1, rows of 2 and 1 valid tokens.
+    Row 0: r = (-0.5, 1 - 0.5) -> G = (0, 0.5). Row 1: r = (-1 - 0.5) -> G = (-1.5).
+    Normalised over the batch's 3 tokens: mean (0 + 0.5 - 1.5)/3 = -1/3, unbiased var
+    ((1/3)^2 + (5/6)^2 + (7/6)^2) / 2 = (4 + 25 + 49) / 72 = 13/12."""
+    scores = t(1.0, -1.0)
+    mask = t(1, 1, 1, 0).view(2, 2)
+    kl = t(1.0, 1.0, 1.0, 0.0).view(2, 2)
+    advantages, returns = reinforce_pp_advantages(scores, kl, mask, kl_coef=0.5)
+    assert_close(returns, t(0.0, 0.5, -1.5, 0.0).view(2, 2))
+    std = math.sqrt(13.0 / 12.0 + 1e-8)
+    assert_close(advantages, t(1 / 3 / std, 5 / 6 / std, -7 / 6 / std, 0.0).view(2, 2))
+    # Global statistics (e.g. all-reduced across ranks) replace the batch's own.
+    advantages, _ = reinforce_pp_advantages(scores, kl, mask, kl_coef=0.5, mean=t(0.5), var=t(4.0 - 1e-8))
+    assert_close(advantages, t(-0.25, 0.0, -1.0, 0.0).view(2, 2))
+
+
+def test_remax_baseline_by_hand():
+    """Two prompts x 2 samples, greedy scores (0.5, 2): A = s - greedy of the sample's prompt."""
+    assert_close(remax_advantages(t(1.0, 0.0, 3.0, 2.0), t(0.5, 2.0), 2), t(0.5, -0.5, 1.0, 0.0))
+    # As the REINFORCE++ machinery: baseline on the last token, no normalisation, no KL.
+    kl = torch.zeros(2, 2, dtype=torch.float64)
+    advantages, _ = reinforce_pp_advantages(t(1.0, 3.0), kl, torch.ones(2, 2), kl_coef=0.0,
+                                            baseline=t(0.5, 2.0), normalize=False)
+    assert_close(advantages, t(0.5, 0.5, 1.0, 1.0).view(2, 2))
+    with pytest.raises(ValueError, match="greedy_scores"):
+        remax_advantages(t(1.0, 0.0, 3.0), t(0.5, 2.0), 2)
+
+
+def _pg_batch():
+    """Two rows; row 0 has 2 valid tokens with ratios (2, 1/2), row 1 one valid token with ratio 1.
+    Advantages per sequence (1, -1)."""
+    old = t(-1.0, -1.0, -2.0, 0.0).view(2, 2)
+    new = t(-1.0 + L2, -1.0 - L2, -2.0, 0.0).view(2, 2)
+    mask = t(1, 1, 1, 0).view(2, 2)
+    return new, old, t(1.0, -1.0), mask
+
+
+def test_policy_gradient_loss_token_level_clip_low_high_by_hand():
+    """eps_low 0.2, eps_high 0.28 (DAPO). Row 0, A = 1: ratio 2 -> max(-2, -1.28) = -1.28 (clipped);
+    ratio 0.5 -> max(-0.5, -0.8) = -0.5. Row 1, A = -1, ratio 1 -> 1.
+    token_mean: (-1.28 - 0.5 + 1) / 3 = -0.26; sequence_mean: ((-1.78) / 2 + 1) / 2 = 0.055;
+    token_sum_norm with norm 4: (-0.78) / (2 * 4) = -0.0975."""
+    new, old, adv, mask = _pg_batch()
+    kwargs = dict(clip_range_low=0.2, clip_range_high=0.28)
+    loss, stats = policy_gradient_loss(new, old, adv, mask, **kwargs)
+    assert_close(loss, t(-0.26)[0])
+    assert_close(stats["clipfrac"], t(1 / 3)[0])
+    loss, _ = policy_gradient_loss(new, old, adv, mask, loss_aggregation="sequence_mean", **kwargs)
+    assert_close(loss, t(0.055)[0])
+    loss, _ = policy_gradient_loss(new, old, adv, mask, loss_aggregation="token_sum_norm", token_norm=4, **kwargs)
+    assert_close(loss, t(-0.0975)[0])
+    # Symmetric clip: ratio 2 clipped at 1.2 instead.
+    loss, _ = policy_gradient_loss(new, old, adv, mask, clip_range_low=0.2)
+    assert_close(loss, t((-1.2 - 0.5 + 1.0) / 3)[0])
+    # Per-token advantages equal to the broadcast sequence advantages give the same loss.
+    loss_tokens, _ = policy_gradient_loss(new, old, adv.unsqueeze(1).expand(2, 2), mask, **kwargs)
+    assert_close(loss_tokens, t(-0.26)[0])
+
+
+def test_policy_gradient_loss_sequence_ratio_gspo_by_hand():
+    """GSPO: row 0's sequence ratio exp(mean(L2, -L2)) = 1, unclipped although its token ratios (2, 1/2)
+    are far apart; row 1's is 1. token_mean: (-1 - 1 + 1) / 3 = -1/3. The gradient w.r.t. row 0's
+    token log-probs is -A * s / 3 per token = -1/3 each (ratio times log-prob gradient), and 0 for clipped rows."""
+    new, old, adv, mask = _pg_batch()
+    new = new.clone().requires_grad_(True)
+    loss, stats = policy_gradient_loss(new, old, adv, mask, ratio_level="sequence")
+    assert_close(loss, t(-1 / 3)[0])
+    assert stats["clipfrac"] == 0
+    loss.backward()
+    assert_close(new.grad, t(-1 / 3, -1 / 3, 1 / 3, 0.0).view(2, 2))
+    # A sequence ratio outside the clip range: row 0 shifted by +L2 on both tokens -> s = 2 > 1.2 with A = 1: no gradient.
+    shifted = (new.detach() + t(L2, L2, 0.0, 0.0).view(2, 2)).requires_grad_(True)
+    loss, stats = policy_gradient_loss(shifted, old, adv, mask, ratio_level="sequence")
+    assert_close(loss, t((-1.2 - 1.2 + 1.0) / 3)[0])
+    loss.backward()
+    assert_close(shifted.grad, t(0.0, 0.0, 1 / 3, 0.0).view(2, 2))
+
+
+def test_policy_gradient_loss_k3_kl_in_loss_by_hand():
+    """At ratio 1 with A = 0: the loss is kl_coef * token mean of k3 = exp(ref - logp) - (ref - logp) - 1.
+    ref - logp = (L2, 0, -L2): k3 = (2 - L2 - 1, 0, 1/2 + L2 - 1) -> sum = 0.5; coef 0.1 -> 0.1 * 0.5 / 3."""
+    logp = t(-1.0, -1.0, -2.0, 0.0).view(2, 2)
+    ref = t(-1.0 + L2, -1.0, -2.0 - L2, 5.0).view(2, 2)
+    mask = t(1, 1, 1, 0).view(2, 2)
+    loss, stats = policy_gradient_loss(logp, logp, t(0.0, 0.0), mask, ref_logprobs=ref, kl_coef=0.1)
+    assert_close(loss, t(0.1 * 0.5 / 3)[0])
+    assert_close(stats["kl_loss"], t(0.5 / 3)[0])
+    loss, stats = policy_gradient_loss(logp, logp, t(0.0, 0.0), mask, ref_logprobs=ref, kl_coef=0.0)
+    assert loss == 0 and "kl_loss" not in stats
+
+
+def test_policy_gradient_loss_matches_ppo_at_default_settings():
+    """Token ratio, symmetric clip, token mean, no KL: exactly ppo_policy_loss."""
+    torch.manual_seed(0)
+    new, old = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    adv, mask = torch.randn(3, 5, dtype=torch.float64), (torch.rand(3, 5) > 0.3).double()
+    assert_close(policy_gradient_loss(new, old, adv, mask)[0], ppo_policy_loss(new, old, adv, mask)[0])
+
+
+def test_policy_gradient_loss_bad_arguments():
+    new, old, adv, mask = _pg_batch()
+    with pytest.raises(ValueError, match="ratio_level"):
+        policy_gradient_loss(new, old, adv, mask, ratio_level="segment")
+    with pytest.raises(ValueError, match="loss_aggregation"):
+        policy_gradient_loss(new, old, adv, mask, loss_aggregation="sum")
+    with pytest.raises(ValueError, match="clip ranges"):
+        policy_gradient_loss(new, old, adv, mask, clip_range_high=0.0)

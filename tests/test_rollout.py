@@ -196,3 +196,52 @@ def test_gae_on_the_rollout_layout_matches_a_reversed_loop(tokenizer):
         adv, ret = gae(rewards, poisoned, mask, gamma=gamma, lam=lam)
         torch.testing.assert_close(adv, want_adv)
         torch.testing.assert_close(ret, want_ret)
+
+
+def _reward_sources(tokenizer_dir, tiny_config):
+    from rlhf_lightning.rewards import EnsembleRewardSource, GoldRewardSource, RewardModelSource
+
+    torch.manual_seed(0)
+    return {
+        "function": FunctionRewardSource(_length_reward),
+        "gold": GoldRewardSource("sentiment"),
+        "reward_model": RewardModelSource(dict(tiny_config), tokenizer=tokenizer_dir),
+        "ensemble": EnsembleRewardSource([FunctionRewardSource(_length_reward), GoldRewardSource("fluency")], "mean"),
+    }
+
+
+def test_group_sampling_with_every_reward_source(tiny_model, tokenizer, tokenizer_dir, tiny_config):
+    """num_samples_per_prompt = G: one generate call, G consecutive rows per prompt sharing its prompt tokens,
+    text and group id; every reward source scores all N = B * G completions."""
+    from rlhf_lightning.rollout import concat_rollouts
+
+    batch = _prompt_batch(tokenizer)
+    rollouts = {}
+    for name, source in _reward_sources(tokenizer_dir, tiny_config).items():
+        rollout = collect_rollout(tiny_model, None, tokenizer, batch, reward_fn=source,
+                                  sampling={"max_new_tokens": 5, "num_samples_per_prompt": 3}, seed=1)
+        assert len(rollout) == 9 and rollout.group_size == 3 and rollout.scores.shape == (9,), name
+        assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert rollout.prompt_text == [p for p in PROMPTS for _ in range(3)]
+        p = rollout.prompt_length
+        for g in range(3):
+            assert (rollout.input_ids[g * 3 : g * 3 + 3, :p] == rollout.input_ids[g * 3, :p]).all()
+        assert torch.isfinite(rollout.scores).all()
+        rollouts[name] = rollout
+    # The same seed draws the same completions whatever the reward source.
+    assert all(r.completion_text == rollouts["function"].completion_text for r in rollouts.values())
+    # The G samples of a prompt are not copies of each other (sampling, not repetition).
+    assert len(set(rollouts["function"].completion_text[:3])) > 1
+
+    # concat_rollouts re-pads parts of different prompt widths to one layout and keeps group ids distinct.
+    short = collect_rollout(tiny_model, None, tokenizer, {k: (v[2:] if k != "prompt_text" else v[2:]) for k, v in batch.items()},
+                            reward_fn=FunctionRewardSource(_length_reward), sampling={"max_new_tokens": 3, "num_samples_per_prompt": 3}, seed=2)
+    merged = concat_rollouts([rollouts["function"], short], tokenizer.pad_token_id)
+    assert len(merged) == 12 and merged.prompt_length == max(short.prompt_length, rollouts["function"].prompt_length)
+    assert merged.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert merged.completion_text[9:] == short.completion_text
+    torch.testing.assert_close(merged.mask.sum(1)[9:], short.mask.sum(1))
+    torch.testing.assert_close(merged.logprobs.sum(1)[9:], short.logprobs.sum(1))
+    with torch.no_grad():
+        fresh = policy_forward(tiny_model, merged.input_ids, merged.attention_mask, merged.completion_mask)
+    torch.testing.assert_close(fresh.logprobs, merged.logprobs, atol=1e-5, rtol=0)  # the re-padded rows still line up

@@ -11,6 +11,10 @@ Departures from the paper, and why:
 * Optimizer state is left alone by default (a reset moves weights only); ``reset_optimizer`` clears the
   state of every optimizer (Adam moments and step counts), for when the old moments are judged stale.
 * The EMA is float32; the initial weights are kept in the parameter dtype so ``EMA <- init`` is exact.
+* ``reset_critic`` (as in the paper's code) also puts PPO's value model back to its fit-start weights at
+  every reset: the critic was fitted to the returns of a policy that no longer exists. With a value
+  head on the policy's trunk only the head is the critic (the trunk belongs to the policy, reset to the
+  EMA); with a separate critic, the whole critic is reset.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class ElasticReset(Callback):
         reset_optimizer: bool = False,
         cpu_offload: bool = False,
         state_key: str | None = None,
+        reset_critic: bool = False,
     ):
         """Periodically reset the policy to its EMA, and the EMA to the initial policy.
 
@@ -51,6 +56,8 @@ class ElasticReset(Callback):
             reset_optimizer: also clear every optimizer's state (moments, step counts) at each reset.
             cpu_offload: keep the EMA and the initial weights in CPU memory.
             state_key: checkpoint key of this callback's state, when several instances coexist.
+            reset_critic: also reset the module's value model (``pl_module.value_model``: PPO's value head
+                or separate critic) to its fit-start weights at each reset; an error on a module without one.
 
         Module hook used: ``pl_module.policy`` (its trainable parameters). The initial weights are captured
         at fit start and saved in checkpoints with the EMA, so a resumed run resets to the same weights.
@@ -67,6 +74,8 @@ class ElasticReset(Callback):
         device = "cpu" if self.cpu_offload else None
         self._ema = ParameterEMA(self.decay, device=device)
         self._init = ParameterSnapshot(device=device)
+        self.reset_critic = bool(reset_critic)
+        self._critic_init = ParameterSnapshot(device=device)
         self._pending: dict[str, Any] | None = None
         self.num_resets = 0
         self.last_update_step = 0
@@ -86,14 +95,27 @@ class ElasticReset(Callback):
     def _params(self, pl_module: L.LightningModule) -> list[torch.Tensor]:
         return [p for _, p in trainable_named_parameters(get_policy(pl_module, "ElasticReset"))]
 
+    def _critic_named(self, pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
+        critic = getattr(pl_module, "value_model", None)
+        if critic is None:
+            raise AttributeError(
+                f"ElasticReset(reset_critic=True) needs a module with a `value_model` (PPO's value head or critic); "
+                f"{type(pl_module).__name__} has none"
+            )
+        return trainable_named_parameters(critic)
+
     def _materialize(self, pl_module: L.LightningModule) -> None:
         if not self._ema.initialized:
             named = trainable_named_parameters(get_policy(pl_module, "ElasticReset"))
             self._ema.capture_(named)
             self._init.capture_(named)
+        if self.reset_critic and not self._critic_init.initialized:
+            self._critic_init.capture_(self._critic_named(pl_module))
         if self._pending is not None:
             self._ema.load_state_dict(self._pending["ema"])
             self._init.load_state_dict(self._pending["init"])
+            if self.reset_critic and self._pending.get("critic_init"):
+                self._critic_init.load_state_dict(self._pending["critic_init"])
             self._pending = None
 
     @override
@@ -104,6 +126,8 @@ class ElasticReset(Callback):
         named = trainable_named_parameters(get_policy(pl_module, "ElasticReset"))
         self._ema.capture_(named)
         self._init.capture_(named)
+        if self.reset_critic:
+            self._critic_init.capture_(self._critic_named(pl_module))
         self._materialize(pl_module)
 
     @override
@@ -132,6 +156,10 @@ class ElasticReset(Callback):
         if self.reset_ema_to_init:
             self._ema.copy_from_(self._init.tensors)
         broadcast_tensors_(trainer, params + self._ema.tensors)
+        if self.reset_critic:
+            critic = [p for _, p in self._critic_named(pl_module)]
+            self._critic_init.copy_to_(critic)
+            broadcast_tensors_(trainer, critic)
         if self.reset_optimizer:
             for optimizer in trainer.optimizers:
                 optimizer.state.clear()
@@ -148,19 +176,24 @@ class ElasticReset(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "ema": self.ema_state_dict(),
             "init": self.init_state_dict(),
             "num_resets": self.num_resets,
             "last_update_step": self.last_update_step,
             "last_reset_step": self.last_reset_step,
         }
+        if self.reset_critic:
+            pending = self._pending.get("critic_init") if self._pending is not None else None
+            state["critic_init"] = dict(pending) if pending is not None else self._critic_init.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Tensors are applied at the next hook (_materialize): see EMA.load_state_dict.
         if state_dict.get("ema"):
-            self._pending = {"ema": dict(state_dict["ema"]), "init": dict(state_dict["init"])}
+            self._pending = {"ema": dict(state_dict["ema"]), "init": dict(state_dict["init"]),
+                             "critic_init": dict(state_dict.get("critic_init") or {})}
         self.num_resets = int(state_dict["num_resets"])
         self.last_update_step = int(state_dict["last_update_step"])
         self.last_reset_step = int(state_dict["last_reset_step"])

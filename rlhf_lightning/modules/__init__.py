@@ -7,6 +7,7 @@ from rlhf_lightning.modules.dpo import DPOModule
 from rlhf_lightning.modules.modpo import MODPOModule
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.modules.fine_grained import FineGrainedPPOModule
+from rlhf_lightning.modules.policy_gradient import GRPOModule, PolicyGradientModule, ReinforcePPModule, RLOOModule
 
 __all__ = [
     "Optimization",
@@ -16,4 +17,8 @@ __all__ = [
     "MODPOModule",
     "PPOModule",
     "FineGrainedPPOModule",
+    "PolicyGradientModule",
+    "GRPOModule",
+    "RLOOModule",
+    "ReinforcePPModule",
 ]

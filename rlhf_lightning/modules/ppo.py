@@ -4,7 +4,10 @@ One Lightning training step = one rollout: sample completions for the prompt bat
 them, shape per-token rewards ``r_t = -kl_coef * kl_t (+ score on the last action)``, compute GAE
 advantages, then run ``ppo_epochs`` x minibatches of clipped policy + value updates with manual
 optimization. ``Trainer(max_steps=...)`` therefore counts rollouts, and the LR schedule steps once per
-rollout. Every formula comes from :mod:`rlhf_lightning.losses`; rollouts from :mod:`rlhf_lightning.rollout`.
+rollout. Every formula comes from :mod:`rlhf_lightning.losses`; rollouts from :mod:`rlhf_lightning.rollout`;
+the rollout / minibatch loop / logging / validation are shared with the critic-free family in
+:class:`~rlhf_lightning.modules.on_policy.OnPolicyModuleBase` (which also documents ``kl_threshold`` and
+``ptx_coef``).
 
 Hooks (docs/CONTRACTS_INTERNAL.md): ``policy`` (the HF causal LM, without value head), ``reference``,
 ``kl_coef`` (set by ``FixedKLController`` / ``AdaptiveKLController``), ``last_rollout_kl`` /
@@ -21,43 +24,33 @@ Where this departs from the papers / common implementations, and why:
 * Sampling and minibatch order are seeded from ``(seed, rank, global_step)``, so a run resumed from a
   checkpoint draws exactly the rollouts an uninterrupted run would.
 * Advantages are whitened with statistics over *all* ranks' rollouts (all-reduced moment sums), so
-  data-parallel PPO normalises as one large batch does.
+  data-parallel PPO normalises as one large batch does; so are the per-token rewards with
+  ``whiten_rewards`` (rescaled without shifting the mean, as the Fine-Grained RLHF reference code does
+  before GAE: shifting would turn every token's KL penalty into a bonus or a cost unrelated to it).
 * The frozen reference is not stored in checkpoints (it is rebuilt from ``reference`` / ``policy``).
 """
 
 from __future__ import annotations
 
-import copy
-import math
-from collections import defaultdict
-from dataclasses import asdict
 from typing import Any, Callable, Mapping
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
-from rlhf_lightning.evaluation import evaluate_policy
 from rlhf_lightning.generation import SamplingConfig
 from rlhf_lightning.losses import (
     KL_KINDS,
     dense_reward,
     gae,
-    kl_penalty,
-    masked_mean,
-    masked_moment_sums,
     masked_sum,
     masked_var,
-    mean_var_from_moment_sums,
     ppo_policy_loss,
     ppo_value_loss,
-    whiten,
 )
-from rlhf_lightning.models import CausalLMWithValueHead, ModelSpecArg, freeze, load_causal_lm
-from rlhf_lightning.modules.base import RLHFModuleBase
+from rlhf_lightning.models import CausalLMWithValueHead, ModelSpecArg
+from rlhf_lightning.modules.on_policy import OnPolicyModuleBase
 from rlhf_lightning.modules.optim import Optimization
-from rlhf_lightning.rewards import EnsembleRewardSource, GoldRewardSource, RewardTransform
-from rlhf_lightning.rollout import Rollout, collect_rollout, policy_forward
-from rlhf_lightning.strategies import clip_gradient_norm, set_deepspeed_gradient_clipping
+from rlhf_lightning.rewards import RewardTransform
+from rlhf_lightning.rollout import PolicyForward, Rollout
 
 __all__ = ["PPOModule"]
 
@@ -67,11 +60,7 @@ __all__ = ["PPOModule"]
 torch.serialization.add_safe_globals([SamplingConfig, Optimization])
 
 
-def _no_closure() -> None:
-    return None
-
-
-class PPOModule(RLHFModuleBase):
+class PPOModule(OnPolicyModuleBase):
     kl_coef: float
 
     def __init__(
@@ -94,7 +83,11 @@ class PPOModule(RLHFModuleBase):
         kl_coef: float = 0.05,
         kl_estimator: str = "k1",
         whiten_advantages: bool = True,
+        whiten_rewards: bool = False,
+        kl_threshold: float | None = None,
         entropy_coef: float = 0.0,
+        ptx_coef: float = 0.0,
+        ptx_data: Any = None,
         max_grad_norm: float | None = 1.0,
         reward_transform: RewardTransform | None = None,
         forward_batch_size: int | None = None,
@@ -106,6 +99,8 @@ class PPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM against a reward with PPO.
@@ -134,7 +129,14 @@ class PPOModule(RLHFModuleBase):
             kl_coef: initial KL penalty coefficient (a KL controller callback overrides it).
             kl_estimator: per-token KL estimator of the penalty: ``k1``, ``k2``, ``k3`` or ``abs``.
             whiten_advantages: normalise advantages to mean 0 / std 1 over the rollout (all ranks).
+            whiten_rewards: rescale the per-token shaped rewards to std 1 over the rollout (all ranks, mean
+                kept) before GAE, as the Fine-Grained RLHF reference code does.
+            kl_threshold: skip the rest of a rollout's epochs once an epoch's mean ``policy/approx_kl``
+                exceeds this (``None``: never); the epochs run are logged as ``policy/epochs``.
             entropy_coef: weight of an entropy bonus (0: entropy is only logged).
+            ptx_coef: weight of the SFT negative log-likelihood mixed into every update (InstructGPT's
+                PPO-ptx; 0 disables). Logged as ``loss/ptx``.
+            ptx_data: the SFT data of ``ptx_coef``: a ``DemonstrationDataModule`` (its batches are cycled).
             max_grad_norm: clip the gradient norm of every inner step; ``None`` disables.
             reward_transform: post-processing of scores (running normalisation, missing-EOS penalty,
                 clipping); its running statistics are part of the module's ``state_dict``.
@@ -148,6 +150,10 @@ class PPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``); one schedule step per rollout.
             dtype: parameter dtype of policy, critic and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute activations in backward to save memory.
+            padding_free: run the rollout's log-prob / value / reference forwards and the update forwards
+                over the episodes packed into rows without padding (the same numbers as padded batches;
+                attention implementations that take no packed rows fall back to padding with a warning).
+            max_row_tokens: token budget of a packed row (None: the longest episode of the batch).
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
@@ -176,45 +182,25 @@ class PPOModule(RLHFModuleBase):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         objects = {"policy": policy, "reference": reference, "critic": critic}
         self.save_hyperparameters(
-            ignore=["reward", "reward_transform"]
+            ignore=["reward", "reward_transform", "ptx_data"]
             + [name for name, value in objects.items() if not isinstance(value, (str, dict, type(None)))]
         )
-        # Many optimizer steps per rollout (ppo_epochs x minibatches): manual optimization.
-        self.automatic_optimization = False
-        self.optim = optim or Optimization()
-        self.sampling = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**(sampling or {}))
-        self.ppo_epochs = ppo_epochs
-        self.num_minibatches = num_minibatches
-        self.minibatch_size = minibatch_size
+        lm = self._init_on_policy(
+            policy=policy, tokenizer=tokenizer, reference=reference, reward=reward, sampling=sampling,
+            ppo_epochs=ppo_epochs, num_minibatches=num_minibatches, minibatch_size=minibatch_size, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, max_grad_norm=max_grad_norm,
+            reward_transform=reward_transform, forward_batch_size=forward_batch_size, gold_objectives=gold_objectives,
+            val_num_samples=val_num_samples, log_samples_every_n_steps=log_samples_every_n_steps,
+            num_logged_samples=num_logged_samples, seed=seed, optim=optim, dtype=dtype, kl_threshold=kl_threshold,
+            ptx_coef=ptx_coef, ptx_data=ptx_data, padding_free=padding_free, max_row_tokens=max_row_tokens,
+        )
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range
         self.vf_coef = vf_coef
         self.gamma = gamma
         self.lam = lam
-        self.kl_coef = float(kl_coef)
-        self.kl_estimator = kl_estimator
         self.whiten_advantages = whiten_advantages
-        self.entropy_coef = entropy_coef
-        self.max_grad_norm = max_grad_norm
-        self.forward_batch_size = forward_batch_size
-        self.gold_objectives = list(gold_objectives or [])
-        self.val_num_samples = val_num_samples
-        self.log_samples_every_n_steps = log_samples_every_n_steps
-        self.num_logged_samples = num_logged_samples
-        self.seed = seed
-        # Read by the KL controller callbacks after each training step (see callbacks/kl_control.py).
-        self.last_rollout_kl: torch.Tensor | float | None = None
-        self.last_rollout_size = 0
-
-        self.reward_fn = EnsembleRewardSource(list(reward.values()), "mean") if isinstance(reward, Mapping) else reward
-        self.reward_transform = reward_transform  # an nn.Module: its running stats are checkpointed
-
-        self._init_tokenizer(tokenizer, policy)
-        lm = load_causal_lm(policy, tokenizer=self.tokenizer, dtype=dtype)
-        # A copy, not a second load: an inline config would otherwise draw different random weights.
-        ref = copy.deepcopy(lm) if reference is None else load_causal_lm(reference, tokenizer=self.tokenizer, dtype=dtype)
-        self.ref_model = freeze(ref)
-        self.critic: CausalLMWithValueHead | None = None
+        self.whiten_rewards = whiten_rewards
         if critic is None:
             self.model: torch.nn.Module = CausalLMWithValueHead(lm, dtype=dtype)
         else:
@@ -237,50 +223,9 @@ class PPOModule(RLHFModuleBase):
         return self.model.pretrained_model if self.critic is None else self.model
 
     @property
-    def reference(self) -> torch.nn.Module | None:
-        return self.ref_model
-
-    @property
-    def sampling_temperature(self) -> float:
-        """Temperature of the rollout log-probs (greedy decoding has none: 1)."""
-        return self.sampling.temperature if self.sampling.do_sample else 1.0
-
-    def on_fit_start(self) -> None:
-        # from_pretrained returns eval-mode models and Lightning keeps module modes as they are.
-        self.train()
-        super().on_fit_start()  # puts the reference back in eval mode
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        # Manual optimization: under DeepSpeed only the engine can clip (see strategies.clip_gradient_norm).
-        set_deepspeed_gradient_clipping(self, self.max_grad_norm)
-
-    # ------------------------------------------------------------------------------------- the rollout
-
-    def _step_seed(self) -> int:
-        return ((self.seed * 1_000_003 + self.global_rank) * 1_000_003 + self.global_step) % (2**63)
-
-    def collect(self, prompt_batch: Mapping[str, Any]) -> Rollout:
-        """Sample, score and record old log-probs / ref log-probs / values for one prompt batch (no grad)."""
-        if self.reward_fn is None:
-            raise ValueError(f"{type(self).__name__} has no reward: pass `reward=` or assign `self.reward_fn`.")
-        return collect_rollout(
-            self.model,
-            self.ref_model,
-            self.tokenizer,
-            prompt_batch,
-            reward_fn=self.reward_fn,
-            sampling=self.sampling,
-            value_model=self.critic,
-            reward_transform=self.reward_transform,
-            forward_batch_size=self.forward_batch_size,
-            seed=self._step_seed(),
-        )
-
-    def rollout_kl(self, rollout: Rollout) -> torch.Tensor:
-        """``(N, T')`` per-token KL estimate (``kl_estimator``) on the shifted grid, 0 off-mask."""
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, kind=self.kl_estimator)
-        return torch.where(rollout.mask.bool(), kl, torch.zeros_like(kl))
+    def value_model(self) -> torch.nn.Module:
+        """The value head on the policy's trunk, or the separate critic."""
+        return self.model.v_head if self.critic is None else self.critic
 
     def shape_rewards(self, rollout: Rollout, kl: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-token rewards of a rollout; override for other reward shapes (e.g. Fine-Grained RLHF).
@@ -295,79 +240,32 @@ class PPOModule(RLHFModuleBase):
         """
         return dense_reward(kl, rollout.scores, rollout.mask, kl_coef=self.kl_coef), {}
 
-    def _whiten(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.trainer.world_size > 1:
-            sums = self.trainer.strategy.reduce(masked_moment_sums(advantages, mask), reduce_op="sum")
-            mean, var = mean_var_from_moment_sums(sums)
-            return whiten(advantages, mask, mean=mean, var=var)
-        return whiten(advantages, mask)
-
     # -------------------------------------------------------------------------------------- the update
 
-    def _minibatches(self, n: int, generator: torch.Generator):
-        size = self.minibatch_size or math.ceil(n / self.num_minibatches)
-        for _ in range(self.ppo_epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, size):
-                yield order[start : start + size]
-
-    def _optimizer_step(self, optimizer, *, last: bool) -> None:
-        if last:
-            optimizer.step()  # counted: one global step per rollout
-        else:
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, _no_closure, model=self)
+    def minibatch_loss(
+        self, out: PolicyForward, rollout: Rollout, rows: torch.Tensor, width: int, targets: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped policy loss + ``vf_coef`` x clipped value loss on one minibatch."""
+        mask = rollout.mask[rows, : width - 1]
+        advantages, returns = targets["advantages"], targets["returns"]
+        policy_loss, policy_stats = ppo_policy_loss(
+            out.logprobs, rollout.logprobs[rows, : width - 1], advantages[rows, : width - 1], mask, clip_range=self.clip_range
+        )
+        value_loss, value_stats = ppo_value_loss(
+            out.values, rollout.values[rows, : width - 1], returns[rows, : width - 1], mask, clip_range=self.value_clip_range
+        )
+        stats = {
+            "loss/policy": policy_loss.detach(),
+            "loss/value": value_loss.detach(),
+            "policy/clipfrac": policy_stats["clipfrac"],
+            "policy/approx_kl": policy_stats["approx_kl"],
+            "value/clipfrac": value_stats["vf_clipfrac"],
+        }
+        return policy_loss + self.vf_coef * value_loss, stats
 
     def ppo_update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ppo_epochs`` x minibatches of clipped policy + value steps; returns mean statistics."""
-        optimizer = self.optimizers()
-        generator = torch.Generator().manual_seed(self._step_seed())
-        batches = list(self._minibatches(len(rollout), generator))
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        entropy_batches = 0
-        for i, rows in enumerate(batches):
-            rows = rows.to(rollout.input_ids.device)
-            attention_mask = rollout.attention_mask[rows]
-            # Drop columns that are padding in every row of the minibatch (prompts are left padded,
-            # completions right padded, so only trailing columns can go).
-            width = int(attention_mask.sum(0).nonzero().max()) + 1
-            mask = rollout.mask[rows, : width - 1]
-            want_entropy = self.entropy_coef > 0 or i * self.ppo_epochs < len(batches)  # first epoch only
-            out = policy_forward(
-                self.model,
-                rollout.input_ids[rows, :width],
-                attention_mask[:, :width],
-                rollout.completion_mask[rows, :width],
-                temperature=self.sampling_temperature,
-                value_model=self.critic,
-                return_entropy=want_entropy,
-            )
-            policy_loss, policy_stats = ppo_policy_loss(
-                out.logprobs, rollout.logprobs[rows, : width - 1], advantages[rows, : width - 1], mask, clip_range=self.clip_range
-            )
-            value_loss, value_stats = ppo_value_loss(
-                out.values, rollout.values[rows, : width - 1], returns[rows, : width - 1], mask, clip_range=self.value_clip_range
-            )
-            loss = policy_loss + self.vf_coef * value_loss
-            if out.entropy is not None:
-                entropy = masked_mean(out.entropy, mask)
-                if self.entropy_coef > 0:
-                    loss = loss - self.entropy_coef * entropy
-                sums["entropy"] += entropy.detach()
-                entropy_batches += 1
-            self.manual_backward(loss)
-            if self.max_grad_norm is not None:
-                clip_gradient_norm(self, optimizer, self.max_grad_norm)
-            self._optimizer_step(optimizer, last=i == len(batches) - 1)
-            optimizer.zero_grad(set_to_none=True)
-            sums["loss/policy"] += policy_loss.detach()
-            sums["loss/value"] += value_loss.detach()
-            sums["policy/clipfrac"] += policy_stats["clipfrac"]
-            sums["policy/approx_kl"] += policy_stats["approx_kl"]
-            sums["value/clipfrac"] += value_stats["vf_clipfrac"]
-        stats = {name: value / len(batches) for name, value in sums.items() if name != "entropy"}
-        if entropy_batches:
-            stats["entropy"] = sums["entropy"] / entropy_batches
-        return stats
+        return self.policy_update(rollout, {"advantages": advantages, "returns": returns})
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         rollout = self.collect(batch)
@@ -378,6 +276,9 @@ class PPOModule(RLHFModuleBase):
             kl = self.rollout_kl(rollout)  # (N, T')
             sequence_kl = masked_sum(kl, mask, dim=1)  # (N,)
             rewards, extra = self.shape_rewards(rollout, kl)  # (N, T')
+            shaped = masked_sum(rewards, mask, dim=1).mean()  # logged before whitening
+            if self.whiten_rewards:
+                rewards = self._whiten(rewards, mask, shift_mean=False)
             advantages, returns = gae(rewards, rollout.values, mask, gamma=self.gamma, lam=self.lam)
             if self.whiten_advantages:
                 advantages = self._whiten(advantages, mask)
@@ -388,14 +289,10 @@ class PPOModule(RLHFModuleBase):
         self.last_rollout_size = len(rollout)
 
         stats = self.ppo_update(rollout, advantages, returns)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-
         metrics: dict[str, Any] = {
             "reward/raw": rollout.raw_scores.mean(),
             "reward/score": rollout.scores.mean(),
-            "reward/shaped": masked_sum(rewards, mask, dim=1).mean(),
+            "reward/shaped": shaped,
             "kl": sequence_kl.mean(),
             "kl_coef": kl_coef,
             "value/explained_variance": explained_variance,
@@ -404,72 +301,4 @@ class PPOModule(RLHFModuleBase):
             **stats,
             **extra,
         }
-        for name, value in metrics.items():
-            self.log(
-                name, value, on_step=True, on_epoch=False, batch_size=len(rollout), sync_dist=True,
-                prog_bar=name in ("reward/raw", "kl"),
-            )
-        if self.log_samples_every_n_steps and (self.global_step - 1) % self.log_samples_every_n_steps == 0:
-            self.log_samples(rollout)
-
-    # ------------------------------------------------------------------------------------------ logging
-
-    def log_samples(self, rollout: Rollout) -> None:
-        """A few prompt / completion / score rows: a text table where the logger has one, else printed."""
-        if not self.trainer.is_global_zero:
-            return
-        n = min(self.num_logged_samples, len(rollout))
-        rows = [[rollout.prompt_text[i], rollout.completion_text[i], float(rollout.raw_scores[i])] for i in range(n)]
-        columns = ["prompt", "completion", "score"]
-        logged = False
-        for logger in self.loggers:
-            if hasattr(logger, "log_text"):  # e.g. WandbLogger
-                logger.log_text(key="samples", columns=columns, data=rows, step=self.global_step)
-                logged = True
-            elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoard
-                table = "| prompt | completion | score |\n|---|---|---|\n" + "\n".join(
-                    f"| {p} | {c} | {s:.3f} |" for p, c, s in rows
-                )
-                logger.experiment.add_text("samples", table, self.global_step)
-                logged = True
-        if not logged:
-            lines = "\n".join(f"  [{s:+.3f}] {p!r} -> {c!r}" for p, c, s in rows)
-            rank_zero_info(f"PPO samples at step {self.global_step}:\n{lines}")
-
-    # --------------------------------------------------------------------------------------- validation
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        scorers: dict[str, Any] = {f"gold/{name}": GoldRewardSource(name) for name in self.gold_objectives}
-        if self.reward_fn is not None:
-            scorers["reward"] = self.reward_fn
-        sampling = asdict(self.sampling)
-        result = evaluate_policy(
-            self.policy,
-            self.tokenizer,
-            list(batch["prompt_text"]),
-            scorers=scorers,
-            reference=self.ref_model,
-            num_samples=self.val_num_samples,
-            max_new_tokens=sampling["max_new_tokens"],
-            temperature=sampling["temperature"],
-            top_k=sampling["top_k"],
-            top_p=sampling["top_p"],
-            do_sample=sampling["do_sample"],
-            batch_size=len(batch["prompt_text"]),
-            seed=self.seed + batch_idx,
-        )
-        names = {f"score/{key}": key for key in scorers} | {"kl_to_reference": "kl_to_reference", "response_length": "response_length"}
-        for metric, name in names.items():
-            if metric in result.metrics:
-                self.log(f"val/{name}", result.metrics[metric], batch_size=len(result.samples), sync_dist=True)
-
-    # ------------------------------------------------------------------------------------- checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["ppo"] = {"kl_coef": self.kl_coef}  # the state dict leaves the frozen reference out (base)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if "ppo" in checkpoint:  # a KL controller callback, if any, re-applies its own restored value
-            self.kl_coef = float(checkpoint["ppo"]["kl_coef"])
+        self.finish_rollout(rollout, metrics)

@@ -1,4 +1,5 @@
-"""Reward sources: learned reward models, programmatic functions, gold scorers, ensembles, segment rewards.
+"""Reward sources: learned reward models, programmatic functions, gold scorers, verifiable rules, ensembles,
+segment rewards.
 
 Every sequence-level source follows :class:`RewardSource`: ``source(prompts, completions, *,
 input_ids=None, attention_mask=None) -> (N,) float32``. :class:`RewardTransform` post-processes scores
@@ -8,6 +9,7 @@ input_ids=None, attention_mask=None) -> (N,) float32``. :class:`RewardTransform`
 from rlhf_lightning.rewards.base import FunctionRewardSource, RewardSource, import_object
 from rlhf_lightning.rewards.ensemble import EnsembleRewardSource, aggregate_ensemble
 from rlhf_lightning.rewards.gold import GoldRewardSource, gold_scorer
+from rlhf_lightning.rewards.verifiable import VerifiableRewardSource
 from rlhf_lightning.rewards.reward_model import RewardModelSource
 from rlhf_lightning.rewards.implicit import ImplicitRewardSource
 from rlhf_lightning.rewards.segment import FunctionSegmentRewardSource, SegmentRewards, SegmentRewardSource
@@ -28,6 +30,7 @@ __all__ = [
     "FunctionRewardSource",
     "GoldRewardSource",
     "gold_scorer",
+    "VerifiableRewardSource",
     "RewardModelSource",
     "EnsembleRewardSource",
     "aggregate_ensemble",

@@ -1,12 +1,15 @@
-"""The weight callbacks attach to ``DPOModule`` and ``PPOModule`` unchanged (issue 8), and act:
+"""The weight callbacks attach to ``DPOModule``, ``PPOModule`` and ``GRPOModule`` (the critic-free family)
+unchanged, and act:
 
 * EMA: after every training batch the EMA equals a hand-updated replica ``e <- d e + (1 - d) theta``, validation
   runs on the EMA weights, and the trained weights (which differ from the EMA) are back afterwards;
 * ElasticReset: on schedule, online <- former EMA and EMA <- fit-start weights (asserted inside the reset);
 * ModelAveraging: the exported directory holds ``(1 - alpha) init + alpha trained`` with per-layer alphas;
 * HFExport: ``hf/final`` reloads with ``from_pretrained`` and gives the trained policy's logits;
-* KL controllers (PPO only: DPO has no ``kl_coef``): the coefficient in force follows the controller's rule
-  applied by hand to the KL the module reported; on DPO they fail with a clear error.
+* KL controllers (PPO and GRPO: DPO has no ``kl_coef``): the coefficient in force follows the controller's
+  rule applied by hand to the KL the module reported; on DPO they fail with a clear error;
+* ElasticReset(reset_critic=True) puts PPO's value head / critic back to its fit-start weights; on GRPO
+  (no critic) it is a clear error.
 
 Tiny models and data come from the module tests (tests/modules/test_dpo.py, test_ppo.py).
 """
@@ -18,22 +21,28 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
-from rlhf_lightning.callbacks import EMA, AdaptiveKLController, FixedKLController, HFExport, ModelAveraging
+from rlhf_lightning.callbacks import EMA, AdaptiveKLController, ElasticReset, FixedKLController, HFExport, ModelAveraging
+from rlhf_lightning.generation import SamplingConfig
+from rlhf_lightning.modules import GRPOModule
 from rlhf_lightning.weights import interpolate_state_dicts
 
 from tests.callbacks.callback_testkit import assert_same_tensors, params
 from tests.callbacks.test_elastic_reset import CheckedElasticReset
 from tests.callbacks.test_ema import CheckEMA
 from tests.modules import test_dpo as dpo_tests
+from tests.modules import test_policy_gradient as pg_tests
 from tests.modules import test_ppo as ppo_tests
 
-KINDS = ["dpo", "ppo"]
+KINDS = ["dpo", "ppo", "grpo"]
 IDS = torch.tensor([[2, 10, 11, 12, 13, 3]])
 
 
 def make(kind: str, tiny_config, tokenizer_dir):
     if kind == "dpo":
         return dpo_tests.make_module(tiny_config, tokenizer_dir)
+    if kind == "grpo":
+        return pg_tests.make_module(tiny_config, tokenizer_dir, cls=GRPOModule, kl_coef=0.05,
+                                    sampling=SamplingConfig(max_new_tokens=6, num_samples_per_prompt=2))
     return ppo_tests.make_module(tiny_config, tokenizer_dir)
 
 
@@ -125,12 +134,13 @@ class RecordRollouts(Callback):
         self.reports.append((float(pl_module.last_rollout_kl), pl_module.last_rollout_size))
 
 
-def test_kl_controllers_on_ppo(tmp_path, tokenizer_dir, assets_dir, tiny_config):
-    module = make("ppo", tiny_config, tokenizer_dir)
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_kl_controllers_on_ppo(kind, tmp_path, tokenizer_dir, assets_dir, tiny_config):
+    module = make(kind, tiny_config, tokenizer_dir)
     assert module.kl_coef == 0.05
     recorder = RecordRollouts()
     controller = AdaptiveKLController(init_kl_coef=0.3, target=0.5, horizon=16)
-    fit("ppo", module, tmp_path / "adaptive", tokenizer_dir, assets_dir, [recorder, controller], max_steps=3)
+    fit(kind, module, tmp_path / "adaptive", tokenizer_dir, assets_dir, [recorder, controller], max_steps=3)
     # beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon), applied by hand to the reported KLs
     beta, expected = 0.3, [0.3]
     for kl, size in recorder.reports:
@@ -140,10 +150,42 @@ def test_kl_controllers_on_ppo(tmp_path, tokenizer_dir, assets_dir, tiny_config)
     assert module.kl_coef == pytest.approx(expected[-1], rel=1e-12) and controller.num_updates == 3
     assert len(set(recorder.coefs)) == 3  # the coefficient really moved between rollouts
 
-    module = make("ppo", tiny_config, tokenizer_dir)
+    module = make(kind, tiny_config, tokenizer_dir)
     recorder = RecordRollouts()
-    fit("ppo", module, tmp_path / "fixed", tokenizer_dir, assets_dir, [recorder, FixedKLController(kl_coef=0.3)], max_steps=2)
+    fit(kind, module, tmp_path / "fixed", tokenizer_dir, assets_dir, [recorder, FixedKLController(kl_coef=0.3)], max_steps=2)
     assert recorder.coefs == [0.3, 0.3]
+
+
+class CriticResetCheck(ElasticReset):
+    """Asserts around the real reset: the critic had moved, and is back at its fit-start weights after."""
+
+    def __init__(self, *args, critic_init=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.critic_init = critic_init
+        self.checked = 0
+
+    def reset(self, trainer, pl_module):
+        assert differs(params(pl_module.value_model), self.critic_init), "the critic never moved: a no-op reset"
+        super().reset(trainer, pl_module)
+        assert_same_tensors(params(pl_module.value_model), self.critic_init)
+        self.checked += 1
+
+
+@pytest.mark.parametrize("separate_critic", [False, True], ids=["value_head", "separate_critic"])
+def test_elastic_reset_resets_the_critic(separate_critic, tmp_path, tokenizer_dir, assets_dir, tiny_config):
+    module = ppo_tests.make_module(tiny_config, tokenizer_dir, critic=dict(tiny_config) if separate_critic else None)
+    critic_init = params(module.value_model)
+    reset = CriticResetCheck(decay=0.6, reset_every_n_steps=2, reset_critic=True, critic_init=critic_init)
+    fit("ppo", module, tmp_path, tokenizer_dir, assets_dir, [reset], max_steps=4)
+    assert reset.checked == 2
+    trainable = {name for name, p in module.value_model.named_parameters() if p.requires_grad}
+    assert set(reset.state_dict()["critic_init"]) == trainable  # checkpointed with the callback
+
+
+def test_elastic_reset_critic_on_a_critic_free_module_is_a_clear_error(tmp_path, tokenizer_dir, assets_dir, tiny_config):
+    module = make("grpo", tiny_config, tokenizer_dir)
+    with pytest.raises(AttributeError, match="value_model"):
+        fit("grpo", module, tmp_path, tokenizer_dir, assets_dir, [ElasticReset(0.6, 2, reset_critic=True)], max_steps=1)
 
 
 def test_kl_controller_on_dpo_is_a_clear_error(tmp_path, tokenizer_dir, assets_dir, tiny_config):

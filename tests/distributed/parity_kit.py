@@ -1,4 +1,4 @@
-"""The reward-model, DPO and PPO runs that tests/distributed compares across strategies.
+"""The reward-model, DPO, PPO and critic-free (GRPO, REINFORCE++) runs that tests/distributed compares across strategies.
 
 One function, :func:`run_variant`, builds a tiny module and DataModule and fits a few steps under the
 strategy asked for; the single-process run and the 2-process runs (DDP, FSDP2) call the very same code.
@@ -30,6 +30,11 @@ equally many terms per rank:
   minibatch order is drawn per rank; ``ppo_epochs=2`` makes the second epoch's loss depend on the
   first update. Advantages are whitened over all ranks by the module, as one process whitens its
   whole rollout. Prompts all have the same token length, so left padding is the same in both setups.
+* the critic-free family follows PPO's recipe. REINFORCE++ normalises its returns over all ranks (the
+  module all-reduces the moments), as one process normalises its whole rollout. GRPO with greedy
+  rollouts has identical completions in each group (zero advantages), so its run takes a reference that
+  is *not* the initial policy (another tiny model): the in-loss k3 KL then drives the updates, and the
+  per-rank sequence means average to the global one because every rank holds as many sequences.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from rlhf_lightning.callbacks.hf_export import HFExport  # noqa: E402
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule  # noqa: E402
 from rlhf_lightning.generation import SamplingConfig, generate  # noqa: E402
 from rlhf_lightning.models import reward_model_scores  # noqa: E402
-from rlhf_lightning.modules import DPOModule, Optimization, PPOModule, RewardModelModule  # noqa: E402
+from rlhf_lightning.modules import DPOModule, Optimization, PolicyGradientModule, PPOModule, RewardModelModule  # noqa: E402
 from rlhf_lightning.rewards import FunctionRewardSource  # noqa: E402
 from rlhf_lightning.strategies import FSDP2Strategy, is_fsdp2_sharded  # noqa: E402
 
@@ -86,6 +91,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
     # Reference log-probs precomputed (each rank a share of the batches, gathered), against the live
     # single-process reference.
     "dpo_precomputed": ("dpo", {"precompute_reference": True}, None),
+    # The critic-free family on the same rollout: GRPO (k3 KL in the loss, another model as reference) and
+    # REINFORCE++ (returns normalised over all ranks).
+    "grpo": ("grpo", {"reference": "tiny"}, None),
+    "reinforce_pp": ("reinforce_pp", {}, None),
 }
 # The single-process run each variant is compared with.
 REFERENCE_VARIANT = {name: ("dpo" if name in ("dpo_fsdp2_options", "dpo_precomputed") else name) for name in VARIANTS}
@@ -93,7 +102,10 @@ LOGGED = {
     "reward_model": ["train/loss", "train/accuracy"],
     "dpo": ["train/loss", "train/rewards/margins"],
     "ppo": ["loss/policy", "loss/value", "reward/raw", "kl"],
+    "grpo": ["loss/policy", "loss/kl", "reward/raw", "kl"],
+    "reinforce_pp": ["loss/policy", "reward/raw", "kl"],
 }
+ON_POLICY = ("ppo", "grpo", "reinforce_pp")
 
 
 def completion_length_reward(prompt: str, completion: str) -> float:
@@ -101,19 +113,25 @@ def completion_length_reward(prompt: str, completion: str) -> float:
     return len(completion) / 10.0
 
 
-class RecordingPPO(PPOModule):
-    """PPO that also keeps what each rollout held (token count, completions) for the test to check."""
+class RecordRollouts:
+    """Mixin: also keep what each rollout held (token count, completions) for the test to check."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rollout_records: list[dict[str, Any]] = []
-
-    def collect(self, prompt_batch):
-        rollout = super().collect(prompt_batch)
+    def collect(self, prompt_batch, **kwargs):
+        rollout = super().collect(prompt_batch, **kwargs)
+        if not hasattr(self, "rollout_records"):
+            self.rollout_records: list[dict[str, Any]] = []
         self.rollout_records.append(
             {"tokens": int(rollout.mask.sum()), "completions": list(rollout.completion_text), "index": rollout.index.tolist()}
         )
         return rollout
+
+
+class RecordingPPO(RecordRollouts, PPOModule):
+    pass
+
+
+class RecordingPolicyGradient(RecordRollouts, PolicyGradientModule):
+    pass
 
 
 class MetricRecorder(Callback):
@@ -154,11 +172,27 @@ def build(method: str, options: dict[str, Any], tokenizer_dir: str, per_device_b
             log_samples_every_n_steps=0,
             optim=optim,
         )
-        # Fixed-length completions (see the module docstring): EOS is suppressed until MAX_NEW_TOKENS.
-        module.policy.generation_config.min_new_tokens = MAX_NEW_TOKENS
+    elif method in ("grpo", "reinforce_pp"):
+        module = RecordingPolicyGradient(
+            policy=model,
+            tokenizer=tokenizer_dir,
+            reference=dict(TINY_LLAMA) if options.get("reference") == "tiny" else None,
+            advantage=method,
+            reward=FunctionRewardSource(completion_length_reward),
+            sampling=SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                    num_samples_per_prompt=2 if method == "grpo" else 1),
+            ppo_epochs=2,
+            num_minibatches=1,
+            kl_coef=0.1,
+            log_samples_every_n_steps=0,
+            optim=optim,
+        )
     else:
         raise ValueError(method)
-    if method == "ppo":
+    if method in ON_POLICY:
+        # Fixed-length completions (see the module docstring): EOS is suppressed until MAX_NEW_TOKENS.
+        module.policy.generation_config.min_new_tokens = MAX_NEW_TOKENS
+    if method in ON_POLICY:
         data = PromptDataModule(train_file=os.path.join(ASSETS, "prompts_tiny.jsonl"), batch_size=per_device_batch, shuffle=False)
     else:
         data = PreferenceDataModule(train_file=os.path.join(ASSETS, "pairs_tiny.jsonl"), batch_size=per_device_batch, shuffle=False)
@@ -255,7 +289,7 @@ def run_variant(variant: str, strategy_name: str, devices: int, out_dir: str, to
     data.train_dataloader = lambda: in_order_train_loader(data, trainer)
     trainer.fit(module, datamodule=data)
     record: dict[str, Any] = {"metrics": recorder.rows, "world_size": trainer.world_size}
-    if method == "ppo":
+    if method in ON_POLICY:
         record["rollouts"] = module.rollout_records
     if strategy_name == "fsdp2":
         reference = module.reference

@@ -1,6 +1,6 @@
 """DDP and FSDP2 (ModelParallelStrategy) on 2 CPU processes train exactly what one process trains.
 
-For the reward model, DPO and PPO (shared-trunk and separate critic), the per-step losses of a 2-rank run
+For the reward model, DPO, PPO (shared-trunk and separate critic), GRPO and REINFORCE++, the per-step losses of a 2-rank run
 (mean over ranks) equal the single-process losses on the same global batch to 1e-4; what "the same
 global batch" means, for PPO in particular, is worked out in ``parity_kit``'s docstring. Under FSDP2 the
 consolidated HF export reloads with ``from_pretrained`` and gives the sharded model's outputs, the
@@ -29,10 +29,13 @@ import parity_kit as kit  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 DISTRIBUTED_VARIANTS = {
-    "ddp": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_precomputed"],
-    "fsdp2": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_fsdp2_options"],
+    "ddp": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_precomputed", "grpo", "reinforce_pp"],
+    "fsdp2": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_fsdp2_options", "grpo", "reinforce_pp"],
 }
-LOSS_KEYS = {"reward_model": ["train/loss"], "dpo": ["train/loss"], "ppo": ["loss/policy", "loss/value"]}
+LOSS_KEYS = {
+    "reward_model": ["train/loss"], "dpo": ["train/loss"], "ppo": ["loss/policy", "loss/value"],
+    "grpo": ["loss/policy", "loss/kl"], "reinforce_pp": ["loss/policy"],
+}
 
 
 def launch(strategy: str, out_dir: str, tokenizer_dir: str, variants: list[str]) -> None:
@@ -93,7 +96,9 @@ def test_losses_match_single_process(strategy, variant, single_dir, distributed_
         for key in LOSS_KEYS[method]:
             mean = (rows[0][key] + rows[1][key]) / 2
             assert mean == pytest.approx(expected[key], abs=1e-4), f"step {step} {key}: {mean} vs single {expected[key]}"
-    if method == "ppo":
+    if method == "grpo":  # the KL term really drove the updates (zero advantages otherwise: a vacuous match)
+        assert any(abs(row["loss/kl"]) > 1e-3 for row in single["metrics"])
+    if method in kit.ON_POLICY:
         # Equal token counts per rank, and the ranks' greedy completions are the single process's.
         for step, expected in enumerate(single["rollouts"]):
             parts = [record["rollouts"][step] for record in ranks]
@@ -103,7 +108,7 @@ def test_losses_match_single_process(strategy, variant, single_dir, distributed_
                 assert part["completions"] == [by_index[i] for i in part["index"]]
 
 
-@pytest.mark.parametrize("variant", ["reward_model", "dpo", "ppo", "ppo_critic"])
+@pytest.mark.parametrize("variant", ["reward_model", "dpo", "ppo", "ppo_critic", "grpo", "reinforce_pp"])
 def test_fsdp2_export_reloads_with_the_sharded_models_outputs(variant, distributed_dirs, single_dir):
     """The consolidated HF directory written from the sharded run reloads with ``from_pretrained`` and
     gives the outputs the trained sharded model gave (probe.pt, computed under FSDP2 after fit)."""
