@@ -330,8 +330,9 @@ def _demonstration(raw: Mapping[str, Any], location: Location, tokenizer: Any) -
     if not _absent(raw, "messages"):
         prompt, completion = _chat_split(tokenizer, _messages(raw["messages"], location), location)
         return {"prompt": prompt, "completion": completion}
-    if isinstance(raw.get("prompt"), list) or isinstance(raw.get("completion"), list):
+    if isinstance(raw.get("prompt"), list):
         # Conversational prompt-completion (TRL's layout): prompt messages + the assistant reply message(s).
+        # A list completion after a string prompt is the text layout with a wrong type, and is reported so.
         messages = _messages(raw.get("prompt"), location, "prompt") + _messages(raw.get("completion"), location, "completion")
         prompt, completion = _chat_split(tokenizer, messages, location, "completion")
         return {"prompt": prompt, "completion": completion}
