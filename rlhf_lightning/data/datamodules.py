@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.collators import DemonstrationCollator, PreferenceCollator, PromptCollator
 from rlhf_lightning.data.records import RecordSource
+from rlhf_lightning.data.samplers import LengthGroupedSampler, example_lengths
 from rlhf_lightning.data.sampler import ResumableSampler
 from rlhf_lightning.data.tokenization import TokenizeConfig, TokenizedData, TokenizedDataset, Truncation, load_tokenized
 
@@ -60,6 +61,7 @@ class RLHFDataModule(L.LightningDataModule):
         dataset: Any = None,
         val_dataset: Any = None,
         limit_train_records: int | None = None,
+        group_by_length: bool = False,
         min_completion_tokens: int = 4,
         drop_short_completions: bool = False,
         drop_identical_pairs: bool = False,
@@ -92,6 +94,10 @@ class RLHFDataModule(L.LightningDataModule):
                 ``datasets.Dataset`` or a list of dicts.
             val_dataset: validation records in memory instead of ``val_file``.
             limit_train_records: keep only the first N training records (after the split) for short runs.
+            group_by_length: shuffled training batches of similar lengths (sorted within shuffled
+                windows of 50 batches, :class:`~rlhf_lightning.data.samplers.LengthGroupedSampler`, as
+                resumable as the default order): less padding for modules run with ``padding_free: false``.
+                Single process only: under data parallelism Lightning's ``DistributedSampler`` orders the data.
             min_completion_tokens: records whose completion truncation cuts below this many tokens are
                 counted and warned about (once, with the count).
             drop_short_completions: drop those records instead.
@@ -134,6 +140,7 @@ class RLHFDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.val_dataset = val_dataset
         self.limit_train_records = limit_train_records
+        self.group_by_length = group_by_length
         self.tokenizer_name: str | None = None
         self._tokenizer: Any = None
         self.tokenizer = tokenizer
@@ -275,7 +282,11 @@ class RLHFDataModule(L.LightningDataModule):
         if self._distributed():
             self._train_sampler = None
             return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
-        self._train_sampler = ResumableSampler(len(self.train_set), seed=self._order_seed(), shuffle=self.shuffle)
+        if self.shuffle and self.group_by_length:
+            lengths = example_lengths(self.train_set.data.features)
+            self._train_sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self._order_seed())
+        else:
+            self._train_sampler = ResumableSampler(len(self.train_set), seed=self._order_seed(), shuffle=self.shuffle)
         if self._resume_state is not None:
             self._train_sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
             self._resume_state = None

@@ -51,8 +51,12 @@ class ResumableSampler(Sampler[int]):
     def resume_at(self, epoch: int, position: int) -> None:
         self._resume = (int(epoch), int(position))
 
+    def epoch_order(self) -> list[int]:
+        """This epoch's order, a function of ``(seed, epoch)`` only (subclasses change how it is drawn)."""
+        return epoch_permutation(self.n, self.seed, self.epoch, self.shuffle)
+
     def __iter__(self) -> Iterator[int]:
-        order = epoch_permutation(self.n, self.seed, self.epoch, self.shuffle)
+        order = self.epoch_order()
         start = 0
         if self._resume is not None:
             epoch, position = self._resume

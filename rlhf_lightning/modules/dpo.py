@@ -2,7 +2,9 @@
 
 The loss is :func:`~rlhf_lightning.losses.dpo_loss` on sequence log-probs of the chosen and rejected
 completions under the trainable policy and a frozen reference. Both sides go through ONE forward per
-model (:mod:`~rlhf_lightning.modules.pair_forward`).
+model (:mod:`~rlhf_lightning.modules.pair_forward`), by default packed without padding and with each
+pair's prompt computed once (``padding_free`` / ``shared_prompt``): the same log-probs as the padded
+batch to float rounding, fewer tokens computed (docs/results/benchmark.md).
 
 Where this departs from the paper, and why:
 
@@ -64,6 +66,9 @@ class DPOModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        shared_prompt: bool = True,
+        max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM on preference pairs with DPO (or IPO / hinge / robust DPO).
@@ -86,6 +91,14 @@ class DPOModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            padding_free: pack each batch's sequences into rows without padding (position ids restart
+                per sequence, attention stays within it); same log-probs as the padded batch, fewer
+                tokens computed. Models whose attention implementation cannot take packed rows are run
+                padded (with a warning). ``False`` = the padded ``(2B, T)`` batch.
+            shared_prompt: with ``padding_free``, lay each pair out as a tree: its prompt once, then
+                both completions attending to it and not to each other (the prompt computed once).
+            max_row_tokens: token budget of a packed row; ``None`` = the longest sequence (or pair tree)
+                of the batch, so rows are never longer than the batch's longest unit.
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
@@ -114,6 +127,8 @@ class DPOModule(RLHFModuleBase):
         self.label_smoothing = label_smoothing
         self.average_logps = loss_type == "ipo"
         self.precompute_reference = precompute_reference
+        self.pair_layout = ("shared_prompt" if shared_prompt else "padding_free") if padding_free else "padded"
+        self.max_row_tokens = max_row_tokens
         self.reference_cache_dir = reference_cache_dir
         self._init_tokenizer(tokenizer, model)
         self.model = load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype)
@@ -140,6 +155,10 @@ class DPOModule(RLHFModuleBase):
     def _pad_token_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return int(pad) if pad is not None else 0
+
+    def _layout_kwargs(self) -> dict[str, Any]:
+        """How pair batches reach the models (:func:`~rlhf_lightning.modules.pair_forward.pair_logps`)."""
+        return {"layout": self.pair_layout, "max_row_tokens": self.max_row_tokens}
 
     # ------------------------------------------------------------------------------ precomputed reference
 
@@ -176,7 +195,7 @@ class DPOModule(RLHFModuleBase):
             # Under the same autocast as the training step: precomputed and live reference give the same
             # numbers in every precision (bf16-mixed included).
             with self.step_precision_context():
-                out = reference_pair_logps(ref, batch, average=self.average_logps, pad_token_id=pad)
+                out = reference_pair_logps(ref, batch, average=self.average_logps, pad_token_id=pad, **self._layout_kwargs())
             return {"ref_chosen_logps": out.chosen_logps, "ref_rejected_logps": out.rejected_logps}
 
         for split, loader in loaders.items():
@@ -201,7 +220,9 @@ class DPOModule(RLHFModuleBase):
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_model is not None:
-            out = reference_pair_logps(self.ref_model, batch, average=self.average_logps, pad_token_id=self._pad_token_id())
+            out = reference_pair_logps(
+                self.ref_model, batch, average=self.average_logps, pad_token_id=self._pad_token_id(), **self._layout_kwargs()
+            )
             return out.chosen_logps, out.rejected_logps
         values = self._ref_values.get(split)
         if values is None:
@@ -216,7 +237,8 @@ class DPOModule(RLHFModuleBase):
 
     def _step(self, batch: dict[str, torch.Tensor], split: str):
         policy_out: PairLogps = pair_logps(
-            self.model, batch, average=self.average_logps, return_logits_mean=True, pad_token_id=self._pad_token_id()
+            self.model, batch, average=self.average_logps, return_logits_mean=True, pad_token_id=self._pad_token_id(),
+            **self._layout_kwargs(),
         )
         ref_chosen, ref_rejected = self._reference_logps(batch, split)
         losses, chosen_rewards, rejected_rewards, extra_metrics = self._pair_loss(policy_out, ref_chosen, ref_rejected, batch, split)

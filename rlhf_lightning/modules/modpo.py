@@ -125,6 +125,9 @@ class MODPOModule(DPOModule):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        shared_prompt: bool = True,
+        max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM on one objective's preference pairs with MODPO, the other objectives
@@ -154,6 +157,7 @@ class MODPOModule(DPOModule):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype of policy and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            padding_free / shared_prompt / max_row_tokens: how pair batches are packed, as in ``DPOModule``.
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
@@ -187,6 +191,9 @@ class MODPOModule(DPOModule):
             optim=optim,
             dtype=dtype,
             gradient_checkpointing=gradient_checkpointing,
+            padding_free=padding_free,
+            shared_prompt=shared_prompt,
+            max_row_tokens=max_row_tokens,
             on_nonfinite=on_nonfinite,
         )
         # DPOModule saved this __init__'s arguments too; store them again without the margin sources

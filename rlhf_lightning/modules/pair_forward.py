@@ -5,6 +5,18 @@ Both are padded to ``T = max(Tc, Tr)`` and stacked into one ``(2B, T)`` batch (c
 model runs ONE forward per step instead of two: one kernel launch sequence, one FSDP all-gather, and
 the same padding for both halves. The result is split back into per-pair ``(B,)`` tensors.
 
+``layout`` picks how the ``2B`` sequences reach the model (:mod:`rlhf_lightning.data.packing`):
+
+* ``"padded"``: the ``(2B, T)`` batch as it is;
+* ``"padding_free"``: the sequences packed into rows without padding, attention kept per sequence;
+* ``"shared_prompt"``: each pair packed as a tree — its prompt once, then the chosen and the rejected
+  completion, both attending to the prompt and not to each other — the prompt computed once, not twice.
+
+All three give the same per-sequence log-probs and rewards (to float rounding; tested). A model whose
+attention implementation cannot take packed rows falls back to ``"padded"``
+(:func:`~rlhf_lightning.modules.packed_forward.packing_mode`); under flash-attention the tree falls
+back to ``"padding_free"``.
+
 Notation: B pairs, T tokens, V vocabulary.
 """
 
@@ -16,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_lightning.data.packing import PackedBatch, pack_pairs
 from rlhf_lightning.logprobs import causal_lm_logprobs
 from rlhf_lightning.models import reward_model_scores
+from rlhf_lightning.modules.packed_forward import packed_logprobs, packed_reward_scores, packing_mode, reward_packing_supported
 
 __all__ = [
+    "LAYOUTS",
     "ConcatenatedPair",
     "PairLogps",
     "concatenate_pair",
@@ -28,6 +43,7 @@ __all__ = [
     "reward_pair_scores",
 ]
 
+LAYOUTS = ("padded", "padding_free", "shared_prompt")
 _SIDES = ("chosen", "rejected")
 _FIELDS = ("input_ids", "attention_mask", "completion_mask")
 
@@ -97,8 +113,11 @@ def pair_logps(
     average: bool = False,
     return_logits_mean: bool = False,
     pad_token_id: int = 0,
+    layout: str = "padded",
+    max_row_tokens: int | None = None,
 ) -> PairLogps:
-    """Chosen and rejected sequence log-probs from ONE forward over the concatenated ``(2B, T)`` batch.
+    """Chosen and rejected sequence log-probs from ONE forward over the pair batch (``layout``: see the
+    module docstring).
 
     Args:
         model: HF causal LM.
@@ -107,10 +126,22 @@ def pair_logps(
         return_logits_mean: also compute the mean completion logits per side (a metric; costs one
             reduction over ``(2B, T, V)``).
         pad_token_id: see :func:`concatenate_pair`.
+        layout: ``"padded"``, ``"padding_free"`` or ``"shared_prompt"``.
+        max_row_tokens: token budget of a packed row; ``None`` = the longest sequence (tree) of the batch.
 
     Gradients flow unless the caller is under ``torch.no_grad()`` (see :func:`reference_pair_logps`).
     """
     pair = concatenate_pair(batch, pad_token_id=pad_token_id)
+    packed = _pack(model, pair, layout, max_row_tokens, pad_token_id)
+    if packed is not None:
+        result = packed_logprobs(model, packed, average=average, return_logits_sum=return_logits_mean)
+        b = pair.num_pairs
+        tokens = result.tokens
+        chosen_mean = rejected_mean = None
+        if return_logits_mean:
+            chosen_mean = result.logits_sum[:b].sum() / tokens[:b].sum().clamp(min=1.0)
+            rejected_mean = result.logits_sum[b:].sum() / tokens[b:].sum().clamp(min=1.0)
+        return PairLogps(result.sequence[:b], result.sequence[b:], tokens[:b], tokens[b:], chosen_mean, rejected_mean)
     out = causal_lm_logprobs(
         model, pair.input_ids, pair.attention_mask, pair.completion_mask, average=average, return_logits=return_logits_mean
     )
@@ -127,23 +158,57 @@ def pair_logps(
     return PairLogps(out.sequence[:b], out.sequence[b:], tokens[:b], tokens[b:], chosen_mean, rejected_mean)
 
 
+def _pack(model: nn.Module, pair: ConcatenatedPair, layout: str, max_row_tokens: int | None, pad_token_id: int) -> PackedBatch | None:
+    """The packed batch for ``layout``, or None for the padded path (asked for, or the model cannot take
+    packed rows)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "padded":
+        return None
+    mode = packing_mode(model)
+    if mode is None:
+        return None
+    return pack_pairs(
+        pair.input_ids, pair.attention_mask, pair.completion_mask, pair.num_pairs,
+        shared_prompt=layout == "shared_prompt" and mode == "mask", max_tokens=max_row_tokens, pad_token_id=pad_token_id,
+    )
+
+
 @torch.no_grad()
 def reference_pair_logps(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], *, average: bool = False, pad_token_id: int = 0
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    average: bool = False,
+    pad_token_id: int = 0,
+    layout: str = "padded",
+    max_row_tokens: int | None = None,
 ) -> PairLogps:
     """:func:`pair_logps` for a frozen reference: under ``torch.no_grad()``, no logits statistics."""
-    return pair_logps(model, batch, average=average, pad_token_id=pad_token_id)
+    return pair_logps(model, batch, average=average, pad_token_id=pad_token_id, layout=layout, max_row_tokens=max_row_tokens)
 
 
 def reward_pair_scores(
-    reward_model: nn.Module, batch: Mapping[str, torch.Tensor], *, pad_token_id: int = 0
+    reward_model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    pad_token_id: int = 0,
+    layout: str = "padded",
+    max_row_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scalar rewards of chosen and rejected from ONE reward-model forward over ``(2B, T)`` sequences.
+    """Scalar rewards of chosen and rejected from ONE reward-model forward over the pair batch
+    (``layout``, ``max_row_tokens``: see :func:`pair_logps`; a model without a separate score head is
+    scored padded).
 
     Returns:
         ``(chosen_rewards (B,), rejected_rewards (B,))`` float32, read at each row's last real token
         (:func:`~rlhf_lightning.models.reward_model_scores`).
     """
     pair = concatenate_pair(batch, pad_token_id=pad_token_id)
+    if layout != "padded" and reward_packing_supported(reward_model):
+        packed = _pack(reward_model, pair, layout, max_row_tokens, pad_token_id)
+        if packed is not None:
+            scores = packed_reward_scores(reward_model, packed)  # (2B,)
+            return scores[: pair.num_pairs], scores[pair.num_pairs :]
     scores = reward_model_scores(reward_model, pair.input_ids, pair.attention_mask)  # (2B,)
     return scores[: pair.num_pairs], scores[pair.num_pairs :]

@@ -9,8 +9,9 @@ Where this departs from the papers, and why:
 
 * InstructGPT puts all K-choose-2 comparisons of a prompt in one batch element; we take pairs as
   they come (the data's job), which is what TRL and DeepSpeed-Chat do.
-* Chosen and rejected are scored in ONE forward over the stacked ``(2B, T)`` batch
-  (:func:`~rlhf_lightning.modules.pair_forward.reward_pair_scores`).
+* Chosen and rejected are scored in ONE forward
+  (:func:`~rlhf_lightning.modules.pair_forward.reward_pair_scores`), by default packed without padding
+  and with each pair's prompt computed once (the same rewards as the padded batch, fewer tokens).
 * The score is read at the last real token found from the attention mask, not by comparing ids
   with the pad id (which may equal EOS).
 """
@@ -95,6 +96,9 @@ class RewardModelModule(RLHFModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        shared_prompt: bool = True,
+        max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
     ):
         """Train a scalar reward model on preference pairs (Bradley-Terry).
@@ -111,6 +115,12 @@ class RewardModelModule(RLHFModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``).
             dtype: parameter dtype (``float32``, ``bfloat16``); ``None`` keeps the checkpoint's.
             gradient_checkpointing: recompute activations in backward to save memory.
+            padding_free: pack each batch's sequences into rows without padding (position ids restart
+                per sequence, attention stays within it); same rewards as the padded batch. Models
+                that cannot take packed rows are run padded. ``False`` = the padded ``(2B, T)`` batch.
+            shared_prompt: with ``padding_free``, each pair's prompt once, both completions attending
+                to it and not to each other.
+            max_row_tokens: token budget of a packed row; ``None`` = the longest unit of the batch.
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
@@ -128,6 +138,8 @@ class RewardModelModule(RLHFModuleBase):
         self.optim = optim or Optimization()
         self.use_margin = use_margin
         self.center_rewards_coef = float(center_rewards_coef or 0.0)
+        self.pair_layout = ("shared_prompt" if shared_prompt else "padding_free") if padding_free else "padded"
+        self.max_row_tokens = max_row_tokens
         self._init_tokenizer(tokenizer, model)
         self.model = load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype)
         if gradient_checkpointing:
@@ -150,7 +162,9 @@ class RewardModelModule(RLHFModuleBase):
         return int(pad) if pad is not None else 0
 
     def _step(self, batch: dict[str, torch.Tensor]):
-        chosen, rejected = reward_pair_scores(self.model, batch, pad_token_id=self._pad_token_id())  # (B,), (B,)
+        chosen, rejected = reward_pair_scores(
+            self.model, batch, pad_token_id=self._pad_token_id(), layout=self.pair_layout, max_row_tokens=self.max_row_tokens
+        )  # (B,), (B,)
         margin = None
         if self.use_margin:
             if "margin" not in batch:
