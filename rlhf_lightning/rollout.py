@@ -157,6 +157,8 @@ def policy_forward(
     temperature: float = 1.0,
     value_model: nn.Module | None = None,
     return_entropy: bool = False,
+    padding_free: bool = False,
+    max_row_tokens: int | None = None,
 ) -> PolicyForward:
     """Per-token log-probs (and values) of a policy on full sequences, on the shifted grid.
 
@@ -173,7 +175,19 @@ def policy_forward(
         value_model: a separate critic with ``.values(input_ids, attention_mask, position_ids) -> (N, T)``
             (e.g. a ``CausalLMWithValueHead``); overrides the policy's own head when given.
         return_entropy: also return per-token entropy of the (tempered) policy.
+        padding_free: run the forward(s) over the episodes packed into rows without padding
+            (:func:`~rlhf_lightning.data.packing.pack_episodes`; the output layer, log-softmax, entropy and
+            value head only at the M scored positions) and scatter the results back to the ``(N, T')``
+            grid: the same numbers as the padded forward. Models whose attention takes no packed rows
+            (and separate critics that are not a ``CausalLMWithValueHead``) use the padded forward, with a
+            one-time warning for the attention case.
+        max_row_tokens: token budget of a packed row (None: the longest episode).
     """
+    if padding_free and _packable(model, value_model):
+        return _packed_policy_forward(
+            model, input_ids, attention_mask, completion_mask, temperature=temperature, value_model=value_model,
+            return_entropy=return_entropy, max_row_tokens=max_row_tokens,
+        )
     position_ids = position_ids_from_attention_mask(attention_mask)
     values = None
     if _is_value_head_model(model):
@@ -192,6 +206,53 @@ def policy_forward(
         values = values[:, :-1].float() * mask
     entropy = entropy_from_logits(logits, mask) if return_entropy else None
     return PolicyForward(logprobs=logprobs, mask=mask, values=values, entropy=entropy)
+
+
+def _packable(model: nn.Module, value_model: nn.Module | None) -> bool:
+    from rlhf_lightning.modules.packed_forward import packing_mode  # lazy: modules/ imports this module
+
+    if packing_mode(_reference_lm(model)) is None:
+        return False
+    return value_model is None or (_is_value_head_model(value_model) and packing_mode(value_model.pretrained_model) is not None)
+
+
+def _packed_policy_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float,
+    value_model: nn.Module | None,
+    return_entropy: bool,
+    max_row_tokens: int | None,
+) -> PolicyForward:
+    """:func:`policy_forward` over packed episodes (see its ``padding_free``). M = scored tokens."""
+    from rlhf_lightning.data.packing import pack_episodes
+    from rlhf_lightning.modules.packed_forward import packed_scored_logits, packed_values
+
+    packed = pack_episodes(input_ids, attention_mask, completion_mask, max_tokens=max_row_tokens)
+    mask = (completion_mask[:, 1:] * attention_mask[:, 1:]).float()
+    scored = mask.bool()  # M True entries, in the order of the packed labels (row-major)
+    if packed.label_ids.numel() != int(scored.sum()):
+        raise RuntimeError(f"packed {packed.label_ids.numel()} scored tokens, the completion mask has {int(scored.sum())}")
+    value_head = _is_value_head_model(model) and value_model is None
+    out = packed_scored_logits(_reference_lm(model), packed, return_hidden=value_head)
+    logits = out.logits  # (M, V) float32
+    if temperature != 1.0:
+        logits = logits / temperature
+    token_logps = logits.gather(-1, packed.label_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+
+    def to_grid(per_token: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(scored, per_token.float())
+
+    values = None
+    if value_head:
+        values = to_grid(model.v_head(out.hidden.to(model.v_head.weight.dtype)).squeeze(-1))
+    elif value_model is not None:
+        values = to_grid(packed_values(value_model, packed))
+    entropy = to_grid(entropy_from_logits(logits)) if return_entropy else None
+    return PolicyForward(logprobs=to_grid(token_logps), mask=mask, values=values, entropy=entropy)
 
 
 def _reference_lm(model: nn.Module) -> nn.Module:
@@ -225,6 +286,8 @@ def collect_rollout(
     reward_transform: Callable[..., torch.Tensor] | None = None,
     forward_batch_size: int | None = None,
     seed: int | None = None,
+    padding_free: bool = False,
+    max_row_tokens: int | None = None,
     **sampling_overrides: Any,
 ) -> Rollout:
     """Generate completions for a prompt batch, score them, and record old log-probs, ref log-probs and values.
@@ -243,6 +306,8 @@ def collect_rollout(
         reward_transform: optional ``(scores, *, finished) -> scores`` (e.g. ``RewardTransform``).
         forward_batch_size: rows per no-grad forward pass (None: all at once).
         seed: makes sampling reproducible without touching the global RNG.
+        padding_free / max_row_tokens: the old-log-prob, value and reference forwards run over packed
+            episodes (see :func:`policy_forward`).
 
     Returns:
         A :class:`Rollout` on the policy's device.
@@ -270,7 +335,10 @@ def collect_rollout(
     with eval_mode(policy, reference, value_model):
         for rows in _chunks(len(gen.input_ids), forward_batch_size):
             ids, attn, comp = gen.input_ids[rows], gen.attention_mask[rows], gen.completion_mask[rows]
-            out = policy_forward(policy, ids, attn, comp, temperature=temperature, value_model=value_model)
+            out = policy_forward(
+                policy, ids, attn, comp, temperature=temperature, value_model=value_model, padding_free=padding_free,
+                max_row_tokens=max_row_tokens,
+            )
             logprobs.append(out.logprobs)
             masks.append(out.mask)
             if out.values is not None:
@@ -283,6 +351,8 @@ def collect_rollout(
                     attn.to(ref_device),
                     comp.to(ref_device),
                     temperature=temperature,
+                    padding_free=padding_free,
+                    max_row_tokens=max_row_tokens,
                 )
                 ref_logprobs.append(ref.logprobs.to(ids.device))
 

@@ -58,7 +58,7 @@ from bench.offline import (  # noqa: E402
     layout_table,
     token_counts,
 )
-from bench.onpolicy import _measure_onpolicy, _onpolicy_row, bench_fine_grained, bench_ppo  # noqa: E402
+from bench.onpolicy import _measure_onpolicy, _onpolicy_row, bench_fine_grained, bench_ppo, update_forward_rows  # noqa: E402
 
 __all__ = ["SECTIONS", "build_parser", "main", "to_markdown"]
 

@@ -30,7 +30,7 @@ def test_generation_comparison_draws_the_same_tokens_and_times_both(bench):
     assert all(0 < tokens <= 16 for tokens in result["tokens"])
 
 
-@pytest.mark.parametrize("kind", ["ppo", "fine_grained", "fine_grained_sequence"])
+@pytest.mark.parametrize("kind", ["ppo", "ppo_padded", "fine_grained", "fine_grained_sequence"])
 def test_step_phases_are_timed_and_restored(bench, kind):
     import rlhf_lightning.rollout as rollout_lib
 
@@ -53,3 +53,22 @@ def test_step_phases_are_timed_and_restored(bench, kind):
 def test_unknown_kind_is_rejected(bench):
     with pytest.raises(ValueError, match="unknown on-policy kind"):
         bench._measure_onpolicy("nope", tiny_args(bench))
+
+
+def test_update_forward_rows_compare_padded_and_padding_free(bench):
+    """The update-forward rows time both layouts on the same minibatches (it raises if their log-probs or
+    values differ) and count tokens: packed rows never compute more than the padded minibatch."""
+    args = tiny_args(bench)
+    result = bench._measure_onpolicy("ppo_update", args)
+    for shape in ("as sampled", "variable completions"):
+        measured = result[shape]
+        for key in ("padded", "padded_cpu", "padding_free", "padding_free_cpu"):
+            assert len(measured[key]) == 2 and all(t > 0 for t in measured[key]), (shape, key)
+        for useful, packed, padded in zip(measured["useful_tokens"], measured["packed_tokens"], measured["padded_tokens"]):
+            assert 0 < useful <= packed <= padded
+    # the cut completions are shorter (the tiny policy's completions have up to 4 tokens)
+    assert sum(result["variable completions"]["useful_tokens"]) <= sum(result["as sampled"]["useful_tokens"])
+    rows = bench.update_forward_rows(result, args)
+    assert len(rows) == 4 and rows[0]["overhead"] == 1.0 and rows[2]["overhead"] == 1.0
+    table = bench.to_markdown(rows, args)
+    assert "update fwd+bwd, variable completions, padding-free" in table and "padding share" in table

@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["PackedBatch", "first_fit_rows", "pack_sequences", "pack_pairs", "tree_attention_allowed"]
+__all__ = ["PackedBatch", "first_fit_rows", "pack_episodes", "pack_sequences", "pack_pairs", "tree_attention_allowed"]
 
 
 class PackedBatch(NamedTuple):
@@ -256,3 +256,41 @@ def pack_pairs(
         else:
             units.extend([[(s, 0, lengths[s], 0)] for s in (chosen, rejected) if lengths[s] > 0])
     return _pack_units(units, shared, input_ids, attention_mask, completion_mask, lengths, max_tokens=max_tokens, pad_token_id=pad_token_id)
+
+
+def pack_episodes(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    max_tokens: int | None = None,
+    pad_token_id: int = 0,
+) -> PackedBatch:
+    """Pack on-policy episodes (a LEFT-padded prompt + a RIGHT-padded completion, ``(S, T)``) padding-free.
+
+    Each row's real tokens are one contiguous span; it is moved to column 0 and packed as
+    :func:`pack_sequences` does, scoring the completion tokens. The scored tokens come out in row-major
+    order of the original layout, so the shifted-grid mask ``completion_mask[:, 1:] * attention_mask[:, 1:]``
+    (a rollout's ``mask``) selects exactly the places they go back to: ``out[mask.bool()] = values``.
+
+    Raises:
+        ValueError: a row's real tokens are not contiguous, or a completion token has no prompt token
+            before it (the padded forward would score it from a pad position).
+    """
+    num_seq, width = attention_mask.shape
+    real = attention_mask.bool()
+    lengths = real.sum(dim=-1)
+    first = real.long().argmax(dim=-1)  # (S,) left padding of each row
+    columns = torch.arange(width, device=input_ids.device)
+    in_span = (columns >= first[:, None]) & (columns < (first + lengths)[:, None])
+    if not bool((in_span == real).all()):
+        raise ValueError(
+            "packing episodes needs each row's real tokens in one span (left-padded prompt, right-padded completion)"
+        )
+    source = (columns[None, :] + first[:, None]).clamp(max=width - 1)  # (S, T) column each new column comes from
+    aligned_mask = (columns[None, :] < lengths[:, None]).long()
+    aligned_ids = torch.where(aligned_mask.bool(), input_ids.gather(1, source), pad_token_id)
+    aligned_scores = completion_mask.gather(1, source) * aligned_mask
+    if bool((aligned_scores[:, 0] > 0).any()):
+        raise ValueError("an episode's completion starts at its first real token: it needs at least one prompt token")
+    return pack_sequences(aligned_ids, aligned_mask, aligned_scores, max_tokens=max_tokens, pad_token_id=pad_token_id)

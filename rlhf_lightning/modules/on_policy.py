@@ -31,6 +31,11 @@ Shared options and where they depart from the papers:
 * Statistics that normalise over "the batch" (advantage / reward whitening) are all-reduced across ranks,
   so data-parallel training normalises as one large batch does.
 * The frozen reference is not stored in checkpoints (it is rebuilt from ``reference`` / ``policy``).
+* ``padding_free`` (default on): the rollout's old-log-prob / value / reference forwards and every update
+  forward run over the episodes packed into rows without padding (``rollout.policy_forward``), with the
+  output layer only at the completion's positions; results are scattered back to the padded ``(N, T')``
+  grid, so losses, GAE and masks are those of the padded path (equal within float tolerance). The
+  ``ptx_coef`` SFT batches are packed as ``SFTModule`` packs them.
 """
 
 from __future__ import annotations
@@ -54,9 +59,11 @@ from rlhf_lightning.losses import (
     mean_var_from_moment_sums,
     whiten,
 )
+from rlhf_lightning.data.packing import pack_sequences
 from rlhf_lightning.models import ModelSpecArg, freeze, load_causal_lm
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
+from rlhf_lightning.modules.packed_forward import packed_logprobs, packing_mode
 from rlhf_lightning.rewards import EnsembleRewardSource, GoldRewardSource, RewardTransform
 from rlhf_lightning.rollout import PolicyForward, Rollout, collect_rollout, policy_forward
 from rlhf_lightning.strategies import clip_gradient_norm, set_deepspeed_gradient_clipping
@@ -102,6 +109,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
         kl_threshold: float | None = None,
         ptx_coef: float = 0.0,
         ptx_data: Any = None,
+        padding_free: bool = True,
+        max_row_tokens: int | None = None,
     ) -> torch.nn.Module:
         """Set the shared attributes, load the tokenizer, the policy LM and the frozen reference.
 
@@ -132,6 +141,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
         self.kl_threshold = kl_threshold
         self.ptx_coef = float(ptx_coef)
         self.ptx_data = ptx_data
+        self.padding_free = padding_free
+        self.max_row_tokens = max_row_tokens
         self._ptx_batches: Iterator[Mapping[str, torch.Tensor]] | None = None
         # Read by the KL controller callbacks after each training step (see callbacks/kl_control.py).
         self.last_rollout_kl: torch.Tensor | float | None = None
@@ -196,6 +207,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
             reward_transform=self.reward_transform,
             forward_batch_size=self.forward_batch_size,
             seed=(self._step_seed() + seed_offset) % (2**63),
+            padding_free=self.padding_free,
+            max_row_tokens=self.max_row_tokens,
         )
 
     def rollout_kl(self, rollout: Rollout) -> torch.Tensor:
@@ -255,7 +268,16 @@ class OnPolicyModuleBase(RLHFModuleBase):
             self._ptx_batches = self._cycle_ptx()
         batch = next(self._ptx_batches)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        out = causal_lm_logprobs(self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        score_mask = batch["completion_mask"] * batch["attention_mask"]
+        if self.padding_free and packing_mode(self.policy) is not None:  # as SFTModule packs the same batches
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+            packed = pack_sequences(
+                batch["input_ids"], batch["attention_mask"], score_mask, max_tokens=self.max_row_tokens,
+                pad_token_id=int(pad) if pad is not None else 0,
+            )
+            out = packed_logprobs(self.policy, packed)
+            return -out.token_logps.sum() / out.tokens.sum().clamp(min=1.0)
+        out = causal_lm_logprobs(self.policy, batch["input_ids"], batch["attention_mask"], score_mask)
         return -out.tokens.sum() / out.mask.sum().clamp(min=1.0)
 
     def _cycle_ptx(self) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -296,6 +318,8 @@ class OnPolicyModuleBase(RLHFModuleBase):
                 temperature=self.sampling_temperature,
                 value_model=self.critic,
                 return_entropy=want_entropy,
+                padding_free=self.padding_free,
+                max_row_tokens=self.max_row_tokens,
             )
             loss, stats = self.minibatch_loss(out, rollout, rows, width, targets)
             if out.entropy is not None:

@@ -31,10 +31,13 @@ from rlhf_lightning.data.packing import PackedBatch
 
 __all__ = [
     "PackedLogprobs",
+    "ScoredLogits",
     "packing_mode",
     "packed_attention_mask",
     "packed_logprobs",
     "packed_reward_scores",
+    "packed_scored_logits",
+    "packed_values",
     "reward_packing_supported",
 ]
 
@@ -119,15 +122,7 @@ def packed_logprobs(
     whatever the model does to logits after that layer (soft-capping, scaling) still applies. A model
     without output embeddings gets the full logits, gathered afterwards.
     """
-    mask = packed_attention_mask(model, packed)
-    with _output_layer_on(model, packed.predictor_positions, packed.input_ids.shape) as gathered:
-        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False).logits
-    if gathered:
-        picked = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
-    else:
-        picked = logits.reshape(-1, logits.shape[-1])[packed.predictor_positions].float()  # (N, V)
-    if picked.shape[0] != packed.predictor_positions.shape[0]:
-        raise RuntimeError(f"expected logits for {packed.predictor_positions.shape[0]} positions, got {picked.shape[0]}")
+    picked = packed_scored_logits(model, packed).logits
     if temperature != 1.0:
         picked = picked / temperature
     token_logps = picked.gather(-1, packed.label_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)  # (N,)
@@ -147,26 +142,85 @@ def packed_logprobs(
     return PackedLogprobs(sequence, tokens, token_logps, logits_sum)
 
 
+class ScoredLogits(NamedTuple):
+    """What a packed forward computes at the N predictor positions.
+
+    Fields:
+        logits: ``(N, V)`` float32 logits that predict the scored tokens (``packed.label_ids``).
+        hidden: ``(N, H)`` the output layer's input at those positions (the final hidden states, as a
+            value head reads them), or ``None`` unless requested.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+def packed_scored_logits(model: nn.Module, packed: PackedBatch, *, return_hidden: bool = False) -> ScoredLogits:
+    """One forward of a causal LM over packed rows; the output layer runs only at the N predictor positions.
+
+    A forward pre-hook on the model's output embeddings hands it the gathered ``(1, N, H)`` hidden states;
+    whatever the model does to logits after that layer (soft-capping, scaling) still applies. A model
+    without output embeddings gets the full logits, gathered afterwards (then ``return_hidden`` raises).
+    """
+    mask = packed_attention_mask(model, packed)
+    with _output_layer_on(model, packed.predictor_positions, packed.input_ids.shape) as hook:
+        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False).logits
+    if hook.installed:
+        picked = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
+    else:
+        picked = logits.reshape(-1, logits.shape[-1])[packed.predictor_positions].float()  # (N, V)
+    if picked.shape[0] != packed.predictor_positions.shape[0]:
+        raise RuntimeError(f"expected logits for {packed.predictor_positions.shape[0]} positions, got {picked.shape[0]}")
+    hidden = None
+    if return_hidden:
+        if hook.hidden is None:
+            raise ValueError("the model has no output embeddings: its final hidden states cannot be read")
+        hidden = hook.hidden.squeeze(0)  # (N, H)
+    return ScoredLogits(picked, hidden)
+
+
+def packed_values(value_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """``(N,)`` float32 values of a :class:`~rlhf_lightning.models.CausalLMWithValueHead` critic at the
+    predictor positions of ``packed`` (``V(s_t)`` is read at the hidden state that predicts token t+1), from
+    one backbone forward over the packed rows (as ``CausalLMWithValueHead.values`` does for a padded batch)."""
+    lm = value_model.pretrained_model
+    mask = packed_attention_mask(lm, packed)
+    hidden = lm.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)[0]
+    if tuple(hidden.shape[:2]) != tuple(packed.input_ids.shape):
+        raise RuntimeError(
+            f"critic backbone returned {tuple(hidden.shape)}, expected hidden states {tuple(packed.input_ids.shape)} + (H,)"
+        )
+    picked = hidden.reshape(-1, hidden.shape[-1])[packed.predictor_positions]  # (N, H)
+    return value_model.v_head(picked.to(value_model.v_head.weight.dtype)).squeeze(-1).float()
+
+
 class _output_layer_on:
     """Context manager: while active, the model's output embeddings see only the hidden states at
-    ``positions`` (flat indices into the ``(R, L)`` rows), as ``(1, N, H)``. ``as`` gives True when the
-    hook is installed (False: the model has no output embeddings; logits come back whole)."""
+    ``positions`` (flat indices into the ``(R, L)`` rows), as ``(1, N, H)``. ``as`` gives the context itself:
+    ``installed`` is False when the model has no output embeddings (logits come back whole); ``hidden`` is
+    the gathered ``(1, N, H)`` input the layer received."""
 
     def __init__(self, model: nn.Module, positions: torch.Tensor, rows_shape: torch.Size):
         getter = getattr(model, "get_output_embeddings", None)
         self.layer = getter() if callable(getter) else None
         self.positions, self.rows_shape, self.handle = positions, tuple(rows_shape), None
+        self.hidden: torch.Tensor | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self.handle is not None
 
     def _gather(self, module: nn.Module, args: tuple):
         hidden = args[0]
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.rows_shape:
             raise RuntimeError(f"output layer input of shape {tuple(hidden.shape)}, expected {self.rows_shape} + (H,)")
-        return (hidden.reshape(-1, hidden.shape[-1])[self.positions].unsqueeze(0), *args[1:])
+        self.hidden = hidden.reshape(-1, hidden.shape[-1])[self.positions].unsqueeze(0)
+        return (self.hidden, *args[1:])
 
-    def __enter__(self) -> bool:
+    def __enter__(self) -> "_output_layer_on":
         if isinstance(self.layer, nn.Module):
             self.handle = self.layer.register_forward_pre_hook(self._gather)
-        return self.handle is not None
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.handle is not None:

@@ -137,6 +137,8 @@ class PolicyGradientModule(OnPolicyModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM against a reward with a critic-free policy gradient (no value model).
@@ -185,6 +187,10 @@ class PolicyGradientModule(OnPolicyModuleBase):
             optim: optimizer and learning-rate schedule; one schedule step per rollout.
             dtype: parameter dtype of policy and reference.
             gradient_checkpointing: recompute activations in backward to save memory.
+            padding_free: run the rollout's log-prob / reference forwards and the update forwards
+                over the episodes packed into rows without padding (the same numbers as padded batches;
+                attention implementations that take no packed rows fall back to padding with a warning).
+            max_row_tokens: token budget of a packed row (None: the longest episode of the batch).
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
@@ -243,7 +249,7 @@ class PolicyGradientModule(OnPolicyModuleBase):
             reward_transform=reward_transform, forward_batch_size=forward_batch_size, gold_objectives=gold_objectives,
             val_num_samples=val_num_samples, log_samples_every_n_steps=log_samples_every_n_steps,
             num_logged_samples=num_logged_samples, seed=seed, optim=optim, dtype=dtype, kl_threshold=kl_threshold,
-            ptx_coef=ptx_coef, ptx_data=ptx_data,
+            ptx_coef=ptx_coef, ptx_data=ptx_data, padding_free=padding_free, max_row_tokens=max_row_tokens,
         )
         self.advantage = advantage
         self.clip_range_low = clip_range_low

@@ -99,6 +99,8 @@ class PPOModule(OnPolicyModuleBase):
         optim: Optimization | None = None,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        padding_free: bool = True,
+        max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
     ):
         """Fine-tune a causal LM against a reward with PPO.
@@ -148,6 +150,10 @@ class PPOModule(OnPolicyModuleBase):
             optim: optimizer and learning-rate schedule (see ``Optimization``); one schedule step per rollout.
             dtype: parameter dtype of policy, critic and reference (``float32``, ``bfloat16``).
             gradient_checkpointing: recompute activations in backward to save memory.
+            padding_free: run the rollout's log-prob / value / reference forwards and the update forwards
+                over the episodes packed into rows without padding (the same numbers as padded batches;
+                attention implementations that take no packed rows fall back to padding with a warning).
+            max_row_tokens: token budget of a packed row (None: the longest episode of the batch).
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
 
@@ -186,7 +192,7 @@ class PPOModule(OnPolicyModuleBase):
             reward_transform=reward_transform, forward_batch_size=forward_batch_size, gold_objectives=gold_objectives,
             val_num_samples=val_num_samples, log_samples_every_n_steps=log_samples_every_n_steps,
             num_logged_samples=num_logged_samples, seed=seed, optim=optim, dtype=dtype, kl_threshold=kl_threshold,
-            ptx_coef=ptx_coef, ptx_data=ptx_data,
+            ptx_coef=ptx_coef, ptx_data=ptx_data, padding_free=padding_free, max_row_tokens=max_row_tokens,
         )
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range

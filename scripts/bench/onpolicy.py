@@ -174,9 +174,86 @@ def _measure_generation(args, device, policy_spec, tokenizer, batches) -> dict[s
     return result
 
 
+UPDATE_SHAPES = ("as sampled", "variable completions")
+
+
+def _cut_completions(rollout, generator: torch.Generator):
+    """``(input_ids, attention_mask, completion_mask)`` with each completion cut to a uniform random length
+    in ``[1, its length]`` (the spread of a policy that stops; a random policy almost never does)."""
+    keep = (torch.rand(len(rollout), generator=generator) * rollout.completion_lengths.cpu().float()).long() + 1
+    columns = torch.arange(rollout.input_ids.shape[1]) - rollout.prompt_length
+    cut = (columns[None, :] < keep[:, None]).to(rollout.attention_mask.device)
+    completion_mask = rollout.completion_mask * cut
+    prompt = torch.arange(rollout.input_ids.shape[1], device=cut.device)[None, :] < rollout.prompt_length
+    attention_mask = rollout.attention_mask * (prompt | cut.bool())
+    return rollout.input_ids, attention_mask, completion_mask
+
+
+def _measure_update_forwards(args, device, policy_spec, tokenizer, batches) -> dict[str, Any]:
+    """PPO's update forward + backward (``rollout.policy_forward`` on the shared value-head model, as in
+    ``OnPolicyModuleBase.policy_update``) over real rollouts' minibatches, padded against padding-free,
+    interleaved minibatch by minibatch (alternating which goes first). The two must give the same log-probs
+    and values (checked). Two shapes: the episodes as sampled, and the same episodes with completions cut
+    at random lengths (:func:`_cut_completions`). Tokens computed: the padded minibatch (trailing
+    all-padding columns dropped, as the update does) against the packed rows; useful: the real tokens."""
+    from rlhf_lightning.data.packing import pack_episodes
+    from rlhf_lightning.modules import Optimization, PPOModule
+    from rlhf_lightning.rewards import GoldRewardSource
+    from rlhf_lightning.rollout import policy_forward
+
+    module = PPOModule(policy_spec, tokenizer, reward=GoldRewardSource("sentiment"), optim=Optimization(lr=1e-5),
+                       sampling={"max_new_tokens": args.max_new_tokens, "num_samples_per_prompt": args.samples_per_prompt},
+                       log_samples_every_n_steps=0).to(device)
+    module.train()
+    keys = ("padded", "padded_cpu", "padding_free", "padding_free_cpu", "padded_tokens", "packed_tokens", "useful_tokens")
+    result: dict[str, Any] = {shape: {key: [] for key in keys} for shape in UPDATE_SHAPES}
+    generator = torch.Generator().manual_seed(0)
+    for i, batch in enumerate(batches):
+        rollout = module.collect({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, seed_offset=i)
+        size = -(-len(rollout) // args.num_minibatches)
+        for shape in UPDATE_SHAPES:
+            layout = (rollout.input_ids, rollout.attention_mask, rollout.completion_mask)
+            if shape == "variable completions":
+                layout = _cut_completions(rollout, generator)
+            order = torch.randperm(len(rollout), generator=generator)
+            for start in range(0, len(rollout), size):
+                rows = order[start : start + size].to(device)
+                attention_mask = layout[1][rows]
+                width = int(attention_mask.sum(0).nonzero().max()) + 1
+                inputs = (layout[0][rows, :width], attention_mask[:, :width], layout[2][rows, :width])
+                outs = {}
+
+                def step(padding_free: bool):
+                    out = policy_forward(module.model, *inputs, padding_free=padding_free, return_entropy=True)
+                    (-(out.logprobs.sum()) + out.values.pow(2).sum() - out.entropy.sum()).backward()
+                    module.zero_grad(set_to_none=True)
+                    return out
+
+                for padding_free in ((False, True) if (i + start) % 2 == 0 else (True, False)):
+                    name = "padding_free" if padding_free else "padded"
+                    _sync(device)
+                    begin, cpu_begin = time.perf_counter(), time.process_time()
+                    outs[name] = step(padding_free)
+                    _sync(device)
+                    if i >= args.warmup:
+                        result[shape][name].append(time.perf_counter() - begin)
+                        result[shape][f"{name}_cpu"].append(time.process_time() - cpu_begin)
+                for field in ("logprobs", "values"):
+                    want, got = getattr(outs["padded"], field), getattr(outs["padding_free"], field)
+                    if not torch.allclose(got, want, atol=1e-4, rtol=0):
+                        raise RuntimeError(f"padded and padding-free update forwards disagree on {field}: the comparison is void")
+                if i >= args.warmup:
+                    packed = pack_episodes(*inputs)
+                    result[shape]["padded_tokens"].append(float(inputs[0].numel()))
+                    result[shape]["packed_tokens"].append(float(packed.input_ids.numel()))
+                    result[shape]["useful_tokens"].append(float(packed.real_tokens))
+    result["minibatch_episodes"] = float(size)
+    return result
+
+
 def _measure_onpolicy(kind: str, args) -> dict[str, Any]:
-    """One on-policy measurement (in a fresh process): ``ppo_generate``, ``ppo``, ``fine_grained`` or
-    ``fine_grained_sequence``."""
+    """One on-policy measurement (in a fresh process): ``ppo_generate``, ``ppo_update``, ``ppo``
+    (``padding_free``, the default), ``ppo_padded``, ``fine_grained`` or ``fine_grained_sequence``."""
     import lightning as L
 
     import rlhf_lightning.rollout as rollout_lib
@@ -192,6 +269,8 @@ def _measure_onpolicy(kind: str, args) -> dict[str, Any]:
     batches = _prompt_batches(args, tokenizer)
     if kind == "ppo_generate":
         return _measure_generation(args, device, policy_spec, tokenizer, batches)
+    if kind == "ppo_update":
+        return _measure_update_forwards(args, device, policy_spec, tok, batches)
 
     clock = _PhaseClock(device)
     common = dict(
@@ -199,9 +278,9 @@ def _measure_onpolicy(kind: str, args) -> dict[str, Any]:
         ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches, optim=Optimization(lr=1e-5),
         log_samples_every_n_steps=0,
     )
-    if kind == "ppo":
+    if kind in ("ppo", "ppo_padded"):
         reward = RewardModelSource(args.reward_model, batch_size=64) if args.reward_model else GoldRewardSource("sentiment")
-        module = _timed_subclass(PPOModule, clock)(policy_spec, tok, reward=reward, **common)
+        module = _timed_subclass(PPOModule, clock)(policy_spec, tok, reward=reward, padding_free=kind == "ppo", **common)
     elif kind in ("fine_grained", "fine_grained_sequence"):
         sources = _segment_sources(None if kind == "fine_grained" else "sequence")
         module = _timed_subclass(FineGrainedPPOModule, clock)(policy_spec, tok, segment_rewards=sources, **common)
@@ -298,8 +377,32 @@ def bench_ppo(args) -> list[dict[str, Any]]:
                      "pairs_per_s": episodes / wall, "peak_mb": float("nan"), "overhead": basis / bare_basis,
                      "extra": {"generation tokens/s (wall)": f"{tokens / sum(gen[key]):.0f}",
                                "generation tokens/s (CPU)": f"{tokens / sum(gen[f'{key}_cpu']):.0f}"}})
+    rows += update_forward_rows(measure_onpolicy("ppo_update", args), args)
     mode = f"PPOModule step ({args.ppo_epochs} epochs x {args.num_minibatches} minibatches)"
-    rows.append(_onpolicy_row("ppo", mode, measure_onpolicy("ppo", args), args))
+    padded = _onpolicy_row("ppo", f"{mode}, padding_free: false", measure_onpolicy("ppo_padded", args), args)
+    rows += [padded, _onpolicy_row("ppo", mode, measure_onpolicy("ppo", args), args, basis=padded["cost"])]
+    return rows
+
+
+def update_forward_rows(result: dict[str, Any], args) -> list[dict[str, Any]]:
+    """Rows of :func:`_measure_update_forwards`: one minibatch's update forward + backward, padded and
+    padding-free, per shape (``pairs/s`` reads as episodes/s; ``step / bare`` against the padded one of
+    the same shape)."""
+    cuda = _device(args).type == "cuda"
+    episodes = result["minibatch_episodes"]
+    rows = []
+    for shape in UPDATE_SHAPES:
+        measured = result[shape]
+        useful = sum(measured["useful_tokens"])
+        padded_basis = sum(measured["padded" if cuda else "padded_cpu"])
+        for name, tokens_key, label in (("padded", "padded_tokens", "padded"), ("padding_free", "packed_tokens", "padding-free")):
+            wall, cpu = _median(measured[name]), _median(measured[f"{name}_cpu"])
+            computed = sum(measured[tokens_key])
+            rows.append({"section": "ppo", "mode": f"update fwd+bwd, {shape}, {label} ({episodes:.0f} episodes)",
+                         "step_ms": 1000 * wall, "cpu_ms": 1000 * cpu, "pairs_per_s": episodes / wall, "peak_mb": float("nan"),
+                         "overhead": sum(measured[name if cuda else f"{name}_cpu"]) / padded_basis,
+                         "extra": {"tokens computed": f"{computed:.0f}", "tokens useful": f"{useful:.0f}",
+                                   "padding share": f"{100 * (1 - useful / computed):.1f}%"}})
     return rows
 
 
