@@ -279,7 +279,8 @@ def generate(
             ``top_p=1.0`` disable those filters.
         num_samples_per_prompt: samples per prompt; prompts are ``repeat_interleave``-d, so the samples
             of prompt b are rows ``b * n ... b * n + n - 1``.
-        stop_token_ids: extra ids that end a completion (EOS always does).
+        stop_token_ids: extra ids that end a completion (EOS always does, and so does the end-of-turn
+            token of the tokenizer's chat template, if it has one).
         seed: if given, sampling is reproducible and the global RNG state is left unchanged.
         share_prompt_prefill: encode each prompt once and repeat its KV cache G times (module docstring).
 
@@ -309,6 +310,10 @@ def generate(
         raise ValueError("The tokenizer has no eos_token_id; generation needs one to know when a completion ends.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     stop_ids = [eos_id] + [i for i in (config.stop_token_ids or []) if i != eos_id]
+    # A chat template's end-of-turn token (e.g. ChatML's <|im_end|>) ends a reply too (data/chat.py).
+    from rlhf_lightning.data.chat import end_of_turn_token_ids
+
+    stop_ids += [i for i in end_of_turn_token_ids(tokenizer) if i not in stop_ids]
 
     generator_model = unwrap_generative_model(model)
     device = _model_device(generator_model)

@@ -19,6 +19,13 @@ A *model spec* is one of:
 
   or a weight-averaged reward model (WARM, Ramé et al. 2024) wherever a reward model spec is taken.
 
+LoRA / PEFT: every module takes ``peft:``, a dict of ``peft.LoraConfig`` keyword arguments (e.g.
+``{r: 16, lora_alpha: 32, target_modules: all-linear}``); :func:`apply_peft` wraps the loaded model so
+that only the adapters (and a score / value head) train. The frozen reference of DPO / MODPO / PPO is
+then the same base model with its adapters switched off (:class:`AdapterDisabledReference`), so one copy
+of the weights serves policy and reference. A local directory holding an adapter (``adapter_config.json``,
+as the export writes) loads as its base model with the adapter merged in, so a LoRA stage feeds the next.
+
 Pad token choice: a tokenizer without a pad token gets ``pad_token = eos_token`` (the TRL convention;
 it needs no new embedding row). Nothing in this library derives masks from the pad id — every
 function takes an explicit ``attention_mask`` — so sharing the id with EOS is safe. Padding side is
@@ -56,8 +63,25 @@ __all__ = [
     "CausalLMWithValueHead",
     "freeze",
     "resolve_dtype",
+    "PeftArg",
+    "apply_peft",
+    "is_peft_model",
+    "unwrap_peft",
+    "transformer_trunk",
+    "AdapterDisabledReference",
+    "build_reference",
+    "disable_dropout",
+    "merged_copy",
+    "trainable_parameter_share",
+    "check_causal_lm_config",
+    "prepare_trainable",
+    "is_reward_model_dir",
+    "build_value_model",
     "check_tokenizer_fits_model",
 ]
+
+# ``peft:`` as YAML / CLI give it: keyword arguments of ``peft.LoraConfig`` (None: full fine-tuning).
+PeftArg = Union[dict[str, Any], None]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -211,6 +235,7 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
     torch_dtype = resolve_dtype(dtype)
     if isinstance(spec, Mapping):
         config = build_config(spec, tokenizer, **config_overrides)
+        check_causal_lm_config(config, spec)
         model = auto_class.from_config(config)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
@@ -220,11 +245,32 @@ def _from_spec(auto_class, spec: ModelSpec, *, tokenizer=None, dtype=None, trust
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     kwargs.update(config_overrides)
+    if os.path.isfile(os.path.join(str(spec), "adapter_config.json")):
+        return _load_adapter_dir(auto_class, str(spec), kwargs)
     try:
         return auto_class.from_pretrained(str(spec), **kwargs)
     except (OSError, ValueError) as error:
         raise_if_missing_local_folder(str(spec), error, "model")
+        if isinstance(error, ValueError):
+            # transformers' "Unrecognized configuration class" for a T5 / BART checkpoint: say why instead.
+            from transformers import AutoConfig
+
+            check_causal_lm_config(AutoConfig.from_pretrained(str(spec), trust_remote_code=trust_remote_code), spec)
         raise
+
+
+def _load_adapter_dir(auto_class, path: str, kwargs: dict[str, Any]):
+    """A PEFT adapter directory as its base model with the adapter merged in (a plain HF model)."""
+    peft = _import_peft()
+    from transformers import AutoModelForSequenceClassification
+
+    peft_class = (
+        peft.AutoPeftModelForSequenceClassification
+        if auto_class is AutoModelForSequenceClassification
+        else peft.AutoPeftModelForCausalLM
+    )
+    kwargs = {k: v for k, v in kwargs.items() if k != "revision" or v is not None}
+    return peft_class.from_pretrained(path, **kwargs).merge_and_unload()
 
 
 def raise_if_missing_local_folder(name: str, error: BaseException, what: str) -> None:
@@ -257,10 +303,22 @@ def load_causal_lm(
         model = _from_spec(
             AutoModelForCausalLM, spec, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
         )
+    check_causal_lm_config(getattr(model, "config", None), spec)
     if tokenizer is not None and getattr(model, "config", None) is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     check_tokenizer_fits_model(model, tokenizer, spec)
     return model
+
+
+def check_causal_lm_config(config, spec: Any = None) -> None:
+    """Raise a clear error for encoder-decoder configs (T5, BART, ...): every method here trains a
+    decoder-only causal LM (one sequence, prompt then completion)."""
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        name = spec if isinstance(spec, (str, os.PathLike)) else getattr(config, "model_type", "?")
+        raise ValueError(
+            f"{name!s} is an encoder-decoder model ({getattr(config, 'model_type', '?')}); rlhf-lightning trains "
+            "causal LMs only (decoder-only: GPT-2, Llama, Qwen2, Mistral, Gemma, Phi-3, ...)."
+        )
 
 
 def load_reward_model(
@@ -292,6 +350,7 @@ def load_reward_model(
             revision=revision,
             **overrides,
         )
+    check_causal_lm_config(getattr(model, "config", None), spec)
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     check_tokenizer_fits_model(model, tokenizer, spec)
@@ -370,9 +429,10 @@ def reward_model_scores(reward_model: nn.Module, input_ids: torch.Tensor, attent
     pad == EOS and the sequence ends with EOS; we run the backbone and apply the score head ourselves.
     """
     position_ids = position_ids_from_attention_mask(attention_mask)
-    head = _score_head(reward_model)
-    backbone = getattr(reward_model, "base_model", None)
-    if head is None or backbone is None or backbone is reward_model:
+    inner = unwrap_peft(reward_model)  # a PeftModel's `base_model` is its LoraModel, not the trunk
+    head = _score_head(inner)
+    backbone = getattr(inner, "base_model", None)
+    if head is None or backbone is None or backbone is inner:
         logits = reward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         return logits.squeeze(-1).float()
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
@@ -411,7 +471,7 @@ class CausalLMWithValueHead(nn.Module):
     def _hidden(self, input_ids, attention_mask, position_ids=None):
         if position_ids is None:
             position_ids = position_ids_from_attention_mask(attention_mask)
-        backbone = self.pretrained_model.base_model
+        backbone = transformer_trunk(self.pretrained_model)
         return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
 
     def forward(self, input_ids, attention_mask, position_ids=None):
@@ -449,3 +509,262 @@ def freeze(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+# ------------------------------------------------------------------------------------------ LoRA / PEFT
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as error:  # pragma: no cover - peft is installed by the test command
+        raise ImportError(
+            "`peft:` (LoRA adapters) and adapter directories need the peft package: pip install 'rlhf-lightning[peft]'"
+        ) from error
+    return peft
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a ``peft.PeftModel`` (without importing peft when it is not installed)."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft") for cls in type(model).__mro__)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` (LoRA layers injected in place, so it still runs the
+    adapters); any other model unchanged."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def transformer_trunk(model: nn.Module) -> nn.Module:
+    """The decoder stack of a HF causal LM or sequence classifier (``LlamaModel``, ``GPT2Model``, ...),
+    whose forward returns hidden states ``(B, T, H)``; looks through a ``PeftModel``, whose own
+    ``base_model`` is a ``LoraModel`` returning logits."""
+    return unwrap_peft(model).base_model
+
+
+def apply_peft(model: nn.Module, peft_kwargs: Mapping[str, Any] | None, *, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap ``model`` with LoRA adapters; ``peft_kwargs`` ``None`` or empty returns it unchanged.
+
+    Args:
+        model: a HF causal LM or sequence classifier.
+        peft_kwargs: keyword arguments of ``peft.LoraConfig`` (``r``, ``lora_alpha``, ``target_modules``
+            e.g. ``all-linear``, ``lora_dropout``, ...).
+        task_type: ``"CAUSAL_LM"`` or ``"SEQ_CLS"`` (then the score head is fully trainable and saved
+            with the adapter, peft's ``modules_to_save``); a ``task_type`` in ``peft_kwargs`` wins.
+
+    Returns:
+        A ``peft.PeftModel``: only adapter (and score-head) parameters require grad.
+    """
+    if not peft_kwargs:
+        return model
+    if not isinstance(peft_kwargs, Mapping):
+        raise ValueError(f"`peft:` must be a dict of peft.LoraConfig keyword arguments, got {peft_kwargs!r}")
+    if is_peft_model(model):
+        raise ValueError("`peft:` was given for a model that already is a PeftModel; pass the base model or drop `peft:`.")
+    peft = _import_peft()
+    kwargs = dict(peft_kwargs)
+    kwargs.setdefault("task_type", task_type)
+    try:
+        config = peft.LoraConfig(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"`peft:` has an argument peft.LoraConfig does not take: {error}") from None
+    return peft.get_peft_model(model, config)
+
+
+class AdapterDisabledReference(nn.Module):
+    """The frozen reference of a LoRA policy: the same ``PeftModel`` run with its adapters disabled and in
+    eval mode (no dropout), so policy and reference share one copy of the base weights.
+
+    The policy is held, not registered as a submodule: the reference adds no parameters, state-dict keys
+    or FSDP unit of its own. ``parameters()`` yields the (frozen) base weights so that device look-ups
+    work; ``reference_state_dict()`` gives them for fingerprints of precomputed reference log-probs.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        if not is_peft_model(peft_model):
+            raise TypeError(f"AdapterDisabledReference needs a peft.PeftModel, got {type(peft_model).__name__}")
+        self._held = (peft_model,)  # a tuple: nn.Module does not register it
+
+    @property
+    def peft_model(self) -> nn.Module:
+        return self._held[0]
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    def forward(self, *args: Any, **kwargs: Any):
+        model = self.peft_model
+        was_training = model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                return model(*args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, parameter in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
+            if not parameter.requires_grad:
+                yield name, parameter
+
+    def reference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's weights (adapter weights and trainable heads left out)."""
+        trainable = {name for name, p in self.peft_model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.peft_model.state_dict().items() if k not in trainable and "lora_" not in k}
+
+
+def build_reference(policy: nn.Module, reference: ModelSpec | None = None, *, tokenizer=None, dtype=None) -> nn.Module:
+    """The frozen reference of a policy-plus-reference method (DPO, MODPO, PPO, Fine-Grained RLHF).
+
+    * ``reference`` given: that model, loaded and frozen;
+    * a LoRA policy (``PeftModel``): the policy with its adapters disabled (no second copy);
+    * otherwise a frozen copy of the initial policy (a copy, not a second load: an inline config would
+      otherwise draw different random weights).
+    """
+    if reference is not None:
+        return freeze(load_causal_lm(reference, tokenizer=tokenizer, dtype=dtype))
+    if is_peft_model(policy):
+        return AdapterDisabledReference(policy)
+    import copy
+
+    return freeze(copy.deepcopy(policy))
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability of ``model`` to 0: ``nn.Dropout`` modules, float ``*dropout*``
+    attributes that attention modules read at forward time (Llama's ``attention_dropout``, OPT's
+    ``dropout``), and the config's ``*dropout*`` fields (TRL's ``disable_dropout``). With dropout on, a
+    policy in train mode differs from itself in eval mode, so DPO's implicit reward is not 0 and PPO's
+    first ratio is not 1 at initialisation. LoRA's own ``lora_dropout`` is left as configured."""
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+            continue
+        for attribute, value in list(vars(module).items()):
+            if "dropout" in attribute.lower() and isinstance(value, float):
+                setattr(module, attribute, 0.0)
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
+    for config in configs.values():
+        for attribute, value in config.to_dict().items():
+            if "dropout" in attribute.lower() and isinstance(value, float) and hasattr(config, attribute):
+                setattr(config, attribute, 0.0)
+    return model
+
+
+def merged_copy(peft_model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A plain HF model (no adapters) whose weights are the base weights with the LoRA updates merged in.
+
+    Built fresh on CPU from the base model's config and loaded from ``state_dict`` (the gathered full
+    state dict under sharding) or the model's own, so the training model is never modified. Costs one
+    extra copy of the weights while it lives.
+    """
+    peft = _import_peft()
+    base = peft_model.get_base_model()
+    import copy
+
+    config = copy.deepcopy(base.config)
+    fresh = type(base)._from_config(config)
+    fresh = peft.get_peft_model(fresh, peft_model.peft_config[peft_model.active_adapter])
+    state = state_dict if state_dict is not None else peft_model.state_dict()
+    fresh.load_state_dict({k: v.detach().to("cpu") for k, v in state.items()}, strict=True)
+    return fresh.merge_and_unload()
+
+
+def trainable_parameter_share(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (each shared tensor counted once)."""
+    seen: dict[int, torch.nn.Parameter] = {}
+    for parameter in model.parameters():
+        seen[id(parameter)] = parameter
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, sum(p.numel() for p in seen.values())
+
+
+def prepare_trainable(
+    model: nn.Module,
+    *,
+    peft: Mapping[str, Any] | None = None,
+    no_dropout: bool = True,
+    gradient_checkpointing: bool = False,
+    task_type: str = "CAUSAL_LM",
+) -> nn.Module:
+    """What every module does to the model it trains, in order: dropout off (``no_dropout``),
+    activation checkpointing, then LoRA adapters (``peft``, see :func:`apply_peft`).
+
+    With checkpointing and adapters, the embedding outputs are made to require grad
+    (``enable_input_require_grads``): with frozen embeddings a re-entrant checkpoint would otherwise
+    see no input that needs a gradient and give the adapters none.
+    """
+    if no_dropout:
+        disable_dropout(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = apply_peft(model, peft, task_type=task_type)
+    if gradient_checkpointing and peft:
+        unwrap_peft(model).enable_input_require_grads()
+    return model
+
+
+def is_reward_model_dir(spec: Any) -> bool:
+    """True when ``spec`` is a local directory holding a sequence classifier (a reward-model export, plain
+    or a LoRA adapter of one)."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.path.isdir(str(spec)):
+        return False
+    import json
+
+    adapter = os.path.join(str(spec), "adapter_config.json")
+    if os.path.isfile(adapter):
+        with open(adapter) as f:
+            return json.load(f).get("task_type") == "SEQ_CLS"
+    config = os.path.join(str(spec), "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        architectures = json.load(f).get("architectures") or []
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+
+
+def build_value_model(
+    spec: ModelSpec,
+    *,
+    tokenizer=None,
+    dtype=None,
+    peft: Mapping[str, Any] | None = None,
+    no_dropout: bool = True,
+    gradient_checkpointing: bool = False,
+) -> "CausalLMWithValueHead":
+    """A separate critic: a trunk plus a scalar value head.
+
+    * ``spec`` a reward-model directory (our RM export or any sequence classifier): the critic starts
+      from the reward model's trunk AND its score head (OpenRLHF; Zheng et al. 2023, "Secrets of RLHF
+      I"), so its first values are the reward model's scores of each prefix instead of 0;
+    * any other spec: a causal LM trunk and a zero-initialised value head.
+
+    The unused output head (LM head or the RM's own score head, whose weights were copied) is frozen, so
+    it stays out of the optimizer and of DDP's unused-parameter check. ``peft`` puts LoRA adapters on the
+    trunk (the value head stays fully trainable).
+    """
+    if is_reward_model_dir(spec):
+        trunk_model = load_reward_model(spec, tokenizer=tokenizer, dtype=dtype)
+        score = _score_head(trunk_model)
+        critic = CausalLMWithValueHead(trunk_model, dtype=dtype)
+        with torch.no_grad():
+            critic.v_head.weight.copy_(score.weight.reshape_as(critic.v_head.weight))
+            if getattr(score, "bias", None) is not None:
+                critic.v_head.bias.copy_(score.bias.reshape_as(critic.v_head.bias))
+        unused = score
+    else:
+        critic = CausalLMWithValueHead(spec, tokenizer=tokenizer, dtype=dtype)
+        unused = critic.pretrained_model.get_output_embeddings()
+        if unused is not None and unused.weight is critic.pretrained_model.get_input_embeddings().weight:
+            unused = None  # tied to the input embeddings, which the critic does use
+    if unused is not None:
+        unused.requires_grad_(False)
+    critic.pretrained_model = prepare_trainable(
+        critic.pretrained_model, peft=peft, no_dropout=no_dropout, gradient_checkpointing=gradient_checkpointing,
+        task_type="FEATURE_EXTRACTION",
+    )
+    return critic

@@ -95,9 +95,13 @@ def dataset_fingerprint(dataset: Iterable[Any]) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the model's state dict (names, dtypes, shapes and bytes of every tensor)."""
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes of every tensor); a model that
+    holds its weights elsewhere (the adapter-disabled reference of a LoRA policy) gives them through
+    ``reference_state_dict()``."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    own = getattr(model, "reference_state_dict", None)
+    state = own() if callable(own) else model.state_dict()
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         _hash_update(h, tensor)
     return h.hexdigest()

@@ -62,8 +62,23 @@ from bench.onpolicy import _measure_onpolicy, _onpolicy_row, bench_fine_grained,
 
 __all__ = ["SECTIONS", "build_parser", "main", "to_markdown"]
 
+def bench_lora_memory(args) -> list[dict[str, Any]]:
+    """LoRA-DPO vs LoRA-SFT vs full-FT DPO peak memory on a 103M-parameter model: scripts/benchmark_memory.py
+    with its own defaults; its table is printed after this script's (``args.appendix``), no rows here."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import benchmark_memory
+
+    parser = argparse.ArgumentParser()
+    benchmark_memory.add_arguments(parser)
+    memory_args = parser.parse_args(["--device", args.device])
+    args.appendix = getattr(args, "appendix", "") + "\nLoRA memory (scripts/benchmark_memory.py):\n\n" + benchmark_memory.to_markdown(
+        benchmark_memory.rows(memory_args), memory_args)
+    return []
+
+
 SECTIONS: dict[str, Callable[[Any], list[dict[str, Any]]]] = {
     "dpo": bench_dpo, "rm": bench_rm, "sft": bench_sft, "ppo": bench_ppo, "fine_grained": bench_fine_grained,
+    "lora_memory": bench_lora_memory,
 }
 
 
@@ -147,7 +162,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.sections:
         rows.extend(SECTIONS[name](args))
-    table = to_markdown(rows, args)
+    table = (to_markdown(rows, args) if rows else "") + getattr(args, "appendix", "")
     print(table)
     if args.out:
         with open(args.out, "w") as f:

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # Per-rollout metrics kept from the training step (whatever of these the module logs).
-TRAIN_PREFIXES = ("reward/", "kl", "entropy", "response_length", "finished_fraction", "elastic_reset/")
+TRAIN_PREFIXES = ("reward/", "kl", "entropy", "response_length", "finished_fraction", "elastic_reset/", "value/")
 
 
 class GoldCurve(L.Callback):

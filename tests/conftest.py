@@ -166,3 +166,40 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---- a byte-level BPE tokenizer with pad == eos and a ChatML template ------------------------------
+# What Hub chat models look like (GPT-2 / Qwen2 style): byte-level BPE, no pad token of its own (so the
+# loader sets pad = eos), an end-of-turn token that is not EOS.
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_bpe_tokenizer(path, *, chat_template: str | None = CHATML_TEMPLATE) -> str:
+    """Train a small byte-level BPE on sentences of the test words and save it as a HF tokenizer with
+    ``eos = <|endoftext|>``, no pad token, and (by default) a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    words = TEST_WORDS
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] + ["user", "assistant", "system", "\n"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token=None,
+                                        additional_special_tokens=specials[1:])
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> str:
+    return build_bpe_tokenizer(tmp_path_factory.mktemp("bpe_chatml"))

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from rlhf_lightning.models import is_peft_model, merged_copy
+
 __all__ = ["HFExport", "save_hf_directory", "NonFiniteWeightsError"]
 
 
@@ -59,7 +61,9 @@ def save_hf_directory(model: torch.nn.Module, tokenizer, dirpath: str, *, state_
 
 
 class HFExport(Callback):
-    def __init__(self, dirpath: str | None = None, *, on_fit_end: bool = True, on_best: bool = True):
+    def __init__(
+        self, dirpath: str | None = None, *, on_fit_end: bool = True, on_best: bool = True, merge_adapters: bool = False
+    ):
         """Export the module's model as a Hugging Face directory.
 
         Args:
@@ -67,6 +71,12 @@ class HFExport(Callback):
                 ``<dirpath>/final`` and the best one (per the ModelCheckpoint monitor) to ``<dirpath>/best``.
             on_fit_end: export when fit ends.
             on_best: export each time the checkpoint callback's best model path changes.
+            merge_adapters: for a LoRA model (``peft:``), also write ``<dirpath>/<name>-merged``: the base
+                weights with the adapters merged in, loadable with plain ``from_pretrained`` (built on
+                CPU from a copy, so it costs one extra copy of the weights while it is written).
+                ``<dirpath>/<name>`` always holds the adapter (``peft.AutoPeftModelForCausalLM`` /
+                ``AutoPeftModelForSequenceClassification``; ``rlhf_lightning.models.load_causal_lm``
+                loads it merged).
 
         The module must provide ``export_model()`` (a ``PreTrainedModel``) and ``tokenizer``; sharded
         strategies gather a full state dict first (``export_state_dict()`` when the module defines it).
@@ -75,6 +85,7 @@ class HFExport(Callback):
         self.dirpath = dirpath
         self.on_fit_end_enabled = on_fit_end
         self.on_best_enabled = on_best
+        self.merge_adapters = merge_adapters
         self._last_best_path: str | None = None
 
     def _root(self, trainer: L.Trainer) -> str:
@@ -85,10 +96,12 @@ class HFExport(Callback):
         state_dict = pl_module.export_state_dict() if hasattr(pl_module, "export_state_dict") else None
         path = None
         if trainer.is_global_zero:
-            path = save_hf_directory(
-                pl_module.export_model(), getattr(pl_module, "tokenizer", None), os.path.join(self._root(trainer), name),
-                state_dict=state_dict,
-            )
+            model, tokenizer = pl_module.export_model(), getattr(pl_module, "tokenizer", None)
+            path = save_hf_directory(model, tokenizer, os.path.join(self._root(trainer), name), state_dict=state_dict)
+            if self.merge_adapters and is_peft_model(model):
+                merged = merged_copy(model, state_dict)
+                save_hf_directory(merged, tokenizer, os.path.join(self._root(trainer), f"{name}-merged"))
+                del merged
         trainer.strategy.barrier("hf_export")
         return path
 

@@ -66,6 +66,8 @@ class RLHFDataModule(L.LightningDataModule):
         drop_short_completions: bool = False,
         drop_identical_pairs: bool = False,
         max_unknown_rate: float = 0.01,
+        test_file: str | None = None,
+        test_dataset: Any = None,
     ):
         """
         Args:
@@ -104,12 +106,17 @@ class RLHFDataModule(L.LightningDataModule):
             drop_identical_pairs: drop preference pairs whose chosen and rejected tokens are identical
                 (they are always counted and warned about).
             max_unknown_rate: warn when more than this share of the tokens is the tokenizer's unknown token.
+            test_file: JSONL file of test records, for ``rlhf-lightning test`` (``trainer.test``): each
+                module runs its validation step on them and logs ``test/<metric>``.
+            test_dataset: test records in memory instead of ``test_file``.
         """
         super().__init__()
         if train_file is not None and dataset is not None:
             raise ValueError("Give either train_file or dataset, not both.")
         if val_file is not None and val_dataset is not None:
             raise ValueError("Give either val_file or val_dataset, not both.")
+        if test_file is not None and test_dataset is not None:
+            raise ValueError("Give either test_file or test_dataset, not both.")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -141,6 +148,9 @@ class RLHFDataModule(L.LightningDataModule):
         self.val_dataset = val_dataset
         self.limit_train_records = limit_train_records
         self.group_by_length = group_by_length
+        self.test_file = test_file
+        self.test_dataset = test_dataset
+        self.test_set: TokenizedDataset | None = None
         self.tokenizer_name: str | None = None
         self._tokenizer: Any = None
         self.tokenizer = tokenizer
@@ -238,7 +248,22 @@ class RLHFDataModule(L.LightningDataModule):
             self.load()
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "test":  # `rlhf-lightning test` needs only the test records
+            self.load_test()
+            return
         self.load()
+
+    def load_test(self) -> None:
+        """Load, validate and tokenize the test records once (idempotent)."""
+        if self.test_set is not None:
+            return
+        source = self.test_file if self.test_file is not None else self.test_dataset
+        if source is None:
+            raise ValueError(f"{type(self).__name__} has no test data: set test_file (or test_dataset) to run `test`.")
+        data = self._tokenized(source)
+        self.test_set = TokenizedDataset(data)
+        if not self.is_loaded:
+            self.score_names = list(data.score_names)
 
     # ---------------------------------------------------------------------------------------- dataloaders
 
@@ -332,6 +357,11 @@ class RLHFDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []  # Lightning skips validation
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The ``test_file`` / ``test_dataset`` records (loaded on first use), in file order."""
+        self.load_test()
+        return self._loader(self.test_set, self.val_batch_size, shuffle=False)
 
 
 class ResumableDataLoader(DataLoader):

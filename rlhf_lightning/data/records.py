@@ -330,6 +330,11 @@ def _demonstration(raw: Mapping[str, Any], location: Location, tokenizer: Any) -
     if not _absent(raw, "messages"):
         prompt, completion = _chat_split(tokenizer, _messages(raw["messages"], location), location)
         return {"prompt": prompt, "completion": completion}
+    if isinstance(raw.get("prompt"), list) or isinstance(raw.get("completion"), list):
+        # Conversational prompt-completion (TRL's layout): prompt messages + the assistant reply message(s).
+        messages = _messages(raw.get("prompt"), location, "prompt") + _messages(raw.get("completion"), location, "completion")
+        prompt, completion = _chat_split(tokenizer, messages, location, "completion")
+        return {"prompt": prompt, "completion": completion}
     return {
         # An empty prompt is allowed: unconditional language modelling of the completion.
         "prompt": _string(raw, "prompt", location, allow_empty=True),
@@ -396,6 +401,8 @@ def _prompt(raw: Mapping[str, Any], location: Location, tokenizer: Any) -> dict[
             raise RecordError("no messages left once the final assistant reply is removed", location=location, field="messages")
         check_prompt_turns(messages, location)
         prompt = _chat_prompt(tokenizer, messages, location)
+    elif isinstance(raw.get("prompt"), list):  # conversational prompt: {"prompt": [messages]}
+        prompt = _chat_prompt(tokenizer, _messages(raw["prompt"], location, "prompt"), location)
     else:
         # Generation needs at least one prompt token, so the prompt may not be empty here.
         prompt = _string(raw, "prompt", location, allow_empty=False)

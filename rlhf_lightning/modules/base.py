@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from rlhf_lightning.models import ModelSpec, check_local_path, load_tokenizer
+from rlhf_lightning.models import AdapterDisabledReference, ModelSpec, check_local_path, load_tokenizer
 from rlhf_lightning.modules.optim import Optimization, build_optimizer
 from rlhf_lightning.strategies import apply_fsdp2, export_state_dict
 
@@ -163,7 +163,12 @@ class RLHFModuleBase(L.LightningModule):
         """``{name: model}`` that :meth:`configure_model` places under FSDP2: every child module with
         parameters (policy, value head or critic, reference, ...). Trainable ones are sharded, frozen
         ones sharded or replicated per the strategy's ``frozen_models``. Override to change the set."""
-        return {name: child for name, child in self.named_children() if next(child.parameters(), None) is not None}
+        return {
+            name: child
+            for name, child in self.named_children()
+            # The adapter-disabled reference of a LoRA policy is the policy itself: nothing of its own.
+            if next(child.parameters(), None) is not None and not isinstance(child, AdapterDisabledReference)
+        }
 
     def configure_model(self) -> None:
         """Shard the models with FSDP2 when the strategy is ``ModelParallelStrategy`` (configs/strategy/
@@ -214,6 +219,27 @@ class RLHFModuleBase(L.LightningModule):
                 f"unexpected keys {result.unexpected_keys}"
             )
         return type(result)(missing, result.unexpected_keys)
+
+    # ---- test: the validation step on the test data (``rlhf-lightning test``) -------------------------
+
+    def eval_split(self) -> str:
+        """``"test"`` while the trainer tests, else ``"val"``: which precomputed values an eval step reads."""
+        return "test" if self._trainer is not None and self.trainer.testing else "val"
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        """Called for each test batch (``rlhf-lightning test``, the DataModule's ``test_file``): the
+        validation step, with its ``val/`` metrics logged as ``test/``."""
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """Called when the test epoch ends: the validation epoch-end metrics, as ``test/``."""
+        self.on_validation_epoch_end()
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``; while testing, the validation step's ``val/<name>`` becomes ``test/<name>``."""
+        if name.startswith("val/") and self.eval_split() == "test":
+            name = "test/" + name[len("val/"):]
+        super().log(name, value, *args, **kwargs)
 
     # ---- checkpoints: atomic writes, a checkpoint at SIGTERM, clear errors on resume ------------------
 

@@ -23,7 +23,6 @@ Where this departs from the paper, and why:
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.losses import DPO_LOSS_TYPES, dpo_loss
-from rlhf_lightning.models import ModelSpecArg, freeze, load_causal_lm
+from rlhf_lightning.models import ModelSpecArg, PeftArg, build_reference, load_causal_lm, prepare_trainable
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.metric_window import MetricWindow
 from rlhf_lightning.modules.optim import Optimization
@@ -70,6 +69,8 @@ class DPOModule(RLHFModuleBase):
         shared_prompt: bool = True,
         max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Fine-tune a causal LM on preference pairs with DPO (or IPO / hinge / robust DPO).
 
@@ -101,6 +102,14 @@ class DPOModule(RLHFModuleBase):
                 of the batch, so rows are never longer than the batch's longest unit.
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
+            peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
+                arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
+                ``pip install 'rlhf-lightning[peft]'``). Only the adapters train; with ``reference: null`` the reference is the same model with its adapters
+                disabled (no second copy of the weights); the export
+                writes the adapter (``HFExport(merge_adapters=true)`` also writes merged weights).
+            disable_dropout: set every dropout probability of the trained model to 0 (TRL's default):
+                with dropout, the model in train mode differs from itself in eval mode,
+                so the implicit reward is not 0 at initialisation.
 
         Logged (names as in TRL): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
@@ -131,12 +140,12 @@ class DPOModule(RLHFModuleBase):
         self.max_row_tokens = max_row_tokens
         self.reference_cache_dir = reference_cache_dir
         self._init_tokenizer(tokenizer, model)
-        self.model = load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype)
-        # A copy, not a second load: an inline config would otherwise draw different random weights.
-        ref = copy.deepcopy(self.model) if reference is None else load_causal_lm(reference, tokenizer=self.tokenizer, dtype=dtype)
-        self.ref_model: torch.nn.Module | None = freeze(ref)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model = prepare_trainable(
+            load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
+        )
+        # A named reference, else the LoRA policy with adapters off, else a frozen copy of the policy.
+        self.ref_model: torch.nn.Module | None = build_reference(self.model, reference, tokenizer=self.tokenizer, dtype=dtype)
         self._ref_values: dict[str, PerIndexValues] = {}
         self.reference_cache_hits: dict[str, bool] = {}
         self._train_window = MetricWindow()
@@ -170,6 +179,8 @@ class DPOModule(RLHFModuleBase):
             splits["train"] = _stage_dataloader(self.trainer, "train", stage)
         if stage in ("fit", "validate") and self.trainer.limit_val_batches != 0:  # 0 = validation disabled: nothing to precompute
             splits["val"] = _stage_dataloader(self.trainer, "val", stage)
+        if stage == "test":
+            splits["test"] = _stage_dataloader(self.trainer, "test", stage)
         if not any(loader is not None for loader in splits.values()):
             return  # nothing to precompute for this stage; keep the live reference
         self.precompute_reference_logps({name: loader for name, loader in splits.items() if loader is not None})
@@ -284,7 +295,7 @@ class DPOModule(RLHFModuleBase):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        _, metrics = self._step(batch, "val")
+        _, metrics = self._step(batch, self.eval_split())
         batch_size = batch["chosen_input_ids"].shape[0]
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), batch_size=batch_size, sync_dist=True)
@@ -292,17 +303,19 @@ class DPOModule(RLHFModuleBase):
 
 
 def _stage_dataloader(trainer, split: str, stage: str) -> DataLoader | None:
-    """The train / val dataloader the trainer is about to use (datamodule or loaders passed to ``fit``)."""
+    """The train / val / test dataloader the trainer is about to use (datamodule or loaders passed to ``fit`` / ``test``)."""
     if trainer is None:
         return None
     datamodule = getattr(trainer, "datamodule", None)
     loader = None
     try:
         if datamodule is not None:
-            loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
+            loader = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
         else:  # loaders passed straight to trainer.fit(...)
             if split == "train":
                 source = trainer.fit_loop._data_source
+            elif split == "test":
+                source = trainer.test_loop._data_source
             elif stage == "validate":
                 source = trainer.validate_loop._data_source
             else:

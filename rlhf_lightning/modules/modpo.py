@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.generation import decode_completions
 from rlhf_lightning.losses import modpo_loss
-from rlhf_lightning.models import ModelSpecArg
+from rlhf_lightning.models import ModelSpecArg, PeftArg
 from rlhf_lightning.modules.dpo import DPOModule, _stage_dataloader
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.modules.pair_forward import PairLogps, concatenate_pair
@@ -129,6 +129,8 @@ class MODPOModule(DPOModule):
         shared_prompt: bool = True,
         max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Fine-tune a causal LM on one objective's preference pairs with MODPO, the other objectives
         entering as weighted margins.
@@ -160,6 +162,9 @@ class MODPOModule(DPOModule):
             padding_free / shared_prompt / max_row_tokens: how pair batches are packed, as in ``DPOModule``.
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
+            peft: LoRA adapters (a dict of ``peft.LoraConfig`` keyword arguments); the reference is then
+                the policy with its adapters disabled unless ``reference`` is named (see ``DPOModule``).
+            disable_dropout: set every dropout probability of the policy to 0 (see ``DPOModule``).
 
         Logged (``train/`` per step, ``val/`` per validation epoch): DPO's metrics, where
         ``rewards/*`` are the margin-adjusted implicit rewards of ``modpo_loss``, plus
@@ -195,6 +200,8 @@ class MODPOModule(DPOModule):
             shared_prompt=shared_prompt,
             max_row_tokens=max_row_tokens,
             on_nonfinite=on_nonfinite,
+            peft=peft,
+            disable_dropout=disable_dropout,
         )
         # DPOModule saved this __init__'s arguments too; store them again without the margin sources
         # (objects holding models: rebuilt from the config, never pickled into checkpoints).

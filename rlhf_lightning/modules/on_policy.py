@@ -40,7 +40,6 @@ Shared options and where they depart from the papers:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from dataclasses import asdict
@@ -60,7 +59,7 @@ from rlhf_lightning.losses import (
     whiten,
 )
 from rlhf_lightning.data.packing import pack_sequences
-from rlhf_lightning.models import ModelSpecArg, freeze, load_causal_lm
+from rlhf_lightning.models import ModelSpecArg, build_reference, load_causal_lm, prepare_trainable
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.modules.packed_forward import packed_logprobs, packing_mode
@@ -111,6 +110,9 @@ class OnPolicyModuleBase(RLHFModuleBase):
         ptx_data: Any = None,
         padding_free: bool = True,
         max_row_tokens: int | None = None,
+        peft: Mapping[str, Any] | None = None,
+        disable_dropout: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> torch.nn.Module:
         """Set the shared attributes, load the tokenizer, the policy LM and the frozen reference.
 
@@ -152,10 +154,12 @@ class OnPolicyModuleBase(RLHFModuleBase):
         self.reward_transform = reward_transform  # an nn.Module: its running stats are checkpointed
 
         self._init_tokenizer(tokenizer, policy)
-        lm = load_causal_lm(policy, tokenizer=self.tokenizer, dtype=dtype)
-        # A copy, not a second load: an inline config would otherwise draw different random weights.
-        ref = copy.deepcopy(lm) if reference is None else load_causal_lm(reference, tokenizer=self.tokenizer, dtype=dtype)
-        self.ref_model = freeze(ref)
+        lm = prepare_trainable(
+            load_causal_lm(policy, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
+        )
+        # A named reference, else the LoRA policy with adapters off, else a frozen copy of the policy.
+        self.ref_model = build_reference(lm, reference, tokenizer=self.tokenizer, dtype=dtype)
         self.critic: torch.nn.Module | None = None  # a subclass with a separate critic assigns it
         return lm
 
@@ -262,6 +266,11 @@ class OnPolicyModuleBase(RLHFModuleBase):
         """
         raise NotImplementedError
 
+    def updates_policy(self) -> bool:
+        """Whether this rollout's update trains the policy (False during PPO's critic warm-up: then the
+        entropy bonus and the ptx term are left out too)."""
+        return True
+
     def _ptx_loss(self) -> torch.Tensor:
         """NLL of the next SFT batch (``ptx_data``, cycled forever)."""
         if self._ptx_batches is None:
@@ -322,13 +331,14 @@ class OnPolicyModuleBase(RLHFModuleBase):
                 max_row_tokens=self.max_row_tokens,
             )
             loss, stats = self.minibatch_loss(out, rollout, rows, width, targets)
+            updates_policy = self.updates_policy()
             if out.entropy is not None:
                 entropy = masked_mean(out.entropy, mask)
-                if self.entropy_coef > 0:
+                if self.entropy_coef > 0 and updates_policy:
                     loss = loss - self.entropy_coef * entropy
                 sums["entropy"] += entropy.detach()
                 entropy_batches += 1
-            if self.ptx_coef > 0:
+            if self.ptx_coef > 0 and updates_policy:
                 ptx_loss = self._ptx_loss()
                 loss = loss + self.ptx_coef * ptx_loss
                 sums["loss/ptx"] += ptx_loss.detach()

@@ -183,9 +183,11 @@ def packed_values(value_model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     """``(N,)`` float32 values of a :class:`~rlhf_lightning.models.CausalLMWithValueHead` critic at the
     predictor positions of ``packed`` (``V(s_t)`` is read at the hidden state that predicts token t+1), from
     one backbone forward over the packed rows (as ``CausalLMWithValueHead.values`` does for a padded batch)."""
+    from rlhf_lightning.models import transformer_trunk
+
     lm = value_model.pretrained_model
     mask = packed_attention_mask(lm, packed)
-    hidden = lm.base_model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)[0]
+    hidden = transformer_trunk(lm)(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)[0]
     if tuple(hidden.shape[:2]) != tuple(packed.input_ids.shape):
         raise RuntimeError(
             f"critic backbone returned {tuple(hidden.shape)}, expected hidden states {tuple(packed.input_ids.shape)} + (H,)"
@@ -231,11 +233,12 @@ def packed_reward_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.
     """``(S,)`` float32 scalar rewards read at each sequence's last token, from one backbone forward over
     the packed rows and the score head on those S positions (as
     :func:`~rlhf_lightning.models.reward_model_scores` does for a padded batch)."""
-    from rlhf_lightning.models import _score_head
+    from rlhf_lightning.models import _score_head, unwrap_peft
 
     if not reward_packing_supported(reward_model):
         raise ValueError("packed reward scoring needs a model with a transformers backbone (`base_model`) and a score head")
-    head, backbone = _score_head(reward_model), reward_model.base_model
+    inner = unwrap_peft(reward_model)  # a PeftModel's `base_model` is its tuner: the trunk is inside
+    head, backbone = _score_head(inner), inner.base_model
     mask = packed_attention_mask(reward_model, packed)
     hidden = backbone(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)[0]
     if tuple(hidden.shape[:2]) != tuple(packed.input_ids.shape):
@@ -246,10 +249,11 @@ def packed_reward_scores(reward_model: nn.Module, packed: PackedBatch) -> torch.
 
 def reward_packing_supported(reward_model: nn.Module) -> bool:
     """True when :func:`packed_reward_scores` can score ``reward_model``."""
-    from rlhf_lightning.models import _score_head
+    from rlhf_lightning.models import _score_head, unwrap_peft
 
     from transformers import PreTrainedModel
 
-    backbone = getattr(reward_model, "base_model", None)
-    # A wrapper's `base_model` (e.g. a PEFT tuner) runs the whole classifier, not the backbone: padded path.
-    return _score_head(reward_model) is not None and isinstance(backbone, PreTrainedModel) and backbone is not reward_model
+    inner = unwrap_peft(reward_model)  # looks through a PeftModel to the HF model with adapters injected
+    backbone = getattr(inner, "base_model", None)
+    # Another wrapper's `base_model` may run the whole classifier, not the backbone: padded path.
+    return _score_head(inner) is not None and isinstance(backbone, PreTrainedModel) and backbone is not inner

@@ -66,7 +66,7 @@ from rlhf_lightning.losses import (
     reinforce_pp_advantages,
     remax_advantages,
 )
-from rlhf_lightning.models import ModelSpecArg
+from rlhf_lightning.models import ModelSpecArg, PeftArg
 from rlhf_lightning.modules.on_policy import OnPolicyModuleBase
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.rewards import RewardTransform
@@ -140,6 +140,8 @@ class PolicyGradientModule(OnPolicyModuleBase):
         padding_free: bool = True,
         max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Fine-tune a causal LM against a reward with a critic-free policy gradient (no value model).
 
@@ -193,6 +195,9 @@ class PolicyGradientModule(OnPolicyModuleBase):
             max_row_tokens: token budget of a packed row (None: the longest episode of the batch).
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
+            peft: LoRA adapters on the policy (a dict of ``peft.LoraConfig`` keyword arguments); with
+                ``reference: null`` the reference is the policy with its adapters disabled.
+            disable_dropout: set every dropout probability of the policy to 0 (TRL's default).
 
         Logged per rollout: ``reward/raw``, ``reward/score``, ``kl``, ``kl_coef``, ``advantage/std``,
         ``groups/informative_fraction`` (groups whose scores are not all equal; group estimators),
@@ -250,6 +255,7 @@ class PolicyGradientModule(OnPolicyModuleBase):
             val_num_samples=val_num_samples, log_samples_every_n_steps=log_samples_every_n_steps,
             num_logged_samples=num_logged_samples, seed=seed, optim=optim, dtype=dtype, kl_threshold=kl_threshold,
             ptx_coef=ptx_coef, ptx_data=ptx_data, padding_free=padding_free, max_row_tokens=max_row_tokens,
+            peft=peft, disable_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
         )
         self.advantage = advantage
         self.clip_range_low = clip_range_low
@@ -262,8 +268,6 @@ class PolicyGradientModule(OnPolicyModuleBase):
         self.dynamic_sampling = dynamic_sampling
         self.max_refill_rounds = max_refill_rounds
         self._refill_batches = None
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
 
     # ------------------------------------------------------------------------------------------ hooks
 

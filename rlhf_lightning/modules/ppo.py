@@ -46,7 +46,7 @@ from rlhf_lightning.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from rlhf_lightning.models import CausalLMWithValueHead, ModelSpecArg
+from rlhf_lightning.models import CausalLMWithValueHead, ModelSpecArg, PeftArg, build_value_model
 from rlhf_lightning.modules.on_policy import OnPolicyModuleBase
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.rewards import RewardTransform
@@ -102,6 +102,10 @@ class PPOModule(OnPolicyModuleBase):
         padding_free: bool = True,
         max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
+        peft: PeftArg = None,
+        critic_peft: PeftArg = None,
+        disable_dropout: bool = True,
+        critic_warmup_steps: int = 0,
     ):
         """Fine-tune a causal LM against a reward with PPO.
 
@@ -115,7 +119,9 @@ class PPOModule(OnPolicyModuleBase):
                 ``class_path``/``init_args``; a dict ``{name: source}`` is averaged (a mean ensemble).
                 May be None when a subclass assigns ``self.reward_fn`` itself.
             critic: ``None`` puts a value head on the policy's trunk (one forward gives both); a model
-                spec builds a separate critic (a causal LM trunk + value head) instead.
+                spec builds a separate critic (a causal LM trunk + zero value head) instead; a reward
+                model directory (e.g. the RM export) initialises the critic from the reward model's
+                trunk and score head (OpenRLHF; "Secrets of RLHF I").
             sampling: rollout sampling parameters (``max_new_tokens``, ``temperature``, ...); keep
                 ``top_k=0`` / ``top_p=1.0``: the PPO log-probs assume the full tempered distribution.
             ppo_epochs: passes over each rollout (4, as in Ziegler et al. 2019).
@@ -156,6 +162,14 @@ class PPOModule(OnPolicyModuleBase):
             max_row_tokens: token budget of a packed row (None: the longest episode of the batch).
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
+            peft: LoRA adapters on the policy (a dict of ``peft.LoraConfig`` keyword arguments); only
+                the adapters and the value head train, and with ``reference: null`` the reference is
+                the policy with its adapters disabled (no second copy of the weights).
+            critic_peft: LoRA adapters on a separate ``critic``'s trunk (its value head trains fully).
+            disable_dropout: set every dropout probability of policy and critic to 0 (TRL's default):
+                with dropout the first PPO ratio is not 1 (old log-probs are computed in eval mode).
+            critic_warmup_steps: for the first N rollouts update only the critic (value loss), not the
+                policy; needs a separate ``critic`` (with a shared trunk the value loss moves the policy).
 
         Logged per rollout: ``reward/raw``, ``reward/score`` (after the transform), ``reward/shaped``
         (per-token rewards summed per episode), ``kl`` (mean sequence KL), ``kl_coef``, ``entropy``,
@@ -180,6 +194,13 @@ class PPOModule(OnPolicyModuleBase):
             raise ValueError("kl_coef, vf_coef and entropy_coef must be >= 0")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if critic_warmup_steps < 0 or (critic_warmup_steps > 0 and critic is None):
+            raise ValueError(
+                f"critic_warmup_steps must be >= 0 and needs a separate `critic` (got {critic_warmup_steps}, critic={critic!r}): "
+                "with the value head on the policy's trunk, critic-only updates would change the policy too."
+            )
+        if critic_peft and critic is None:
+            raise ValueError("critic_peft needs a separate `critic`; the shared-trunk value head uses the policy's `peft`.")
         objects = {"policy": policy, "reference": reference, "critic": critic}
         self.save_hyperparameters(
             ignore=["reward", "reward_transform", "ptx_data"]
@@ -193,6 +214,7 @@ class PPOModule(OnPolicyModuleBase):
             val_num_samples=val_num_samples, log_samples_every_n_steps=log_samples_every_n_steps,
             num_logged_samples=num_logged_samples, seed=seed, optim=optim, dtype=dtype, kl_threshold=kl_threshold,
             ptx_coef=ptx_coef, ptx_data=ptx_data, padding_free=padding_free, max_row_tokens=max_row_tokens,
+            peft=peft, disable_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
         )
         self.clip_range = clip_range
         self.value_clip_range = value_clip_range
@@ -201,19 +223,15 @@ class PPOModule(OnPolicyModuleBase):
         self.lam = lam
         self.whiten_advantages = whiten_advantages
         self.whiten_rewards = whiten_rewards
+        self.critic_warmup_steps = critic_warmup_steps
         if critic is None:
             self.model: torch.nn.Module = CausalLMWithValueHead(lm, dtype=dtype)
         else:
             self.model = lm
-            self.critic = CausalLMWithValueHead(critic, tokenizer=self.tokenizer, dtype=dtype)
-            head = self.critic.pretrained_model.get_output_embeddings()
-            if head.weight is not self.critic.pretrained_model.get_input_embeddings().weight:
-                # The critic never uses its LM head: keep it out of the optimizer (and DDP's unused-param check).
-                head.requires_grad_(False)
-        if gradient_checkpointing:
-            for model in (self.policy, self.critic.pretrained_model if self.critic is not None else None):
-                if model is not None:
-                    model.gradient_checkpointing_enable()
+            self.critic = build_value_model(
+                critic, tokenizer=self.tokenizer, dtype=dtype, peft=critic_peft, no_dropout=disable_dropout,
+                gradient_checkpointing=gradient_checkpointing,
+            )
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -261,7 +279,13 @@ class PPOModule(OnPolicyModuleBase):
             "policy/approx_kl": policy_stats["approx_kl"],
             "value/clipfrac": value_stats["vf_clipfrac"],
         }
+        if not self.updates_policy():  # critic warm-up: the (separate) critic trains alone
+            return self.vf_coef * value_loss, stats
         return policy_loss + self.vf_coef * value_loss, stats
+
+    def updates_policy(self) -> bool:
+        """False for the first ``critic_warmup_steps`` rollouts."""
+        return self.global_step >= self.critic_warmup_steps
 
     def ppo_update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ppo_epochs`` x minibatches of clipped policy + value steps; returns mean statistics."""

@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.losses import reward_centering_loss, reward_model_loss
-from rlhf_lightning.models import ModelSpecArg, load_reward_model
+from rlhf_lightning.models import ModelSpecArg, PeftArg, load_reward_model, prepare_trainable
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.metric_window import MetricWindow
 from rlhf_lightning.modules.optim import Optimization
@@ -100,6 +100,8 @@ class RewardModelModule(RLHFModuleBase):
         shared_prompt: bool = True,
         max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Train a scalar reward model on preference pairs (Bradley-Terry).
 
@@ -123,6 +125,12 @@ class RewardModelModule(RLHFModuleBase):
             max_row_tokens: token budget of a packed row; ``None`` = the longest unit of the batch.
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
+            peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
+                arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
+                ``pip install 'rlhf-lightning[peft]'``). Only the adapters train (and the score head, fully); the export
+                writes the adapter (``HFExport(merge_adapters=true)`` also writes merged weights).
+            disable_dropout: set every dropout probability of the trained model to 0 (TRL's default):
+                with dropout, the model in train mode differs from itself in eval mode, so a pair's scores depend on the dropout draw.
 
         Logged (``train/``, ``train/epoch_`` per epoch, ``val/`` per validation): ``loss``,
         ``accuracy`` (fraction of pairs with r_c > r_r), ``margin`` (mean r_c - r_r), ``reward_mean``,
@@ -141,9 +149,10 @@ class RewardModelModule(RLHFModuleBase):
         self.pair_layout = ("shared_prompt" if shared_prompt else "padding_free") if padding_free else "padded"
         self.max_row_tokens = max_row_tokens
         self._init_tokenizer(tokenizer, model)
-        self.model = load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model = prepare_trainable(
+            load_reward_model(model, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing, task_type="SEQ_CLS",
+        )
         self.train_metrics = PairRewardMetrics(persistent=True)  # mid-epoch resume keeps the epoch's statistics
         self.val_metrics = PairRewardMetrics()
         self._train_window = MetricWindow()

@@ -16,7 +16,7 @@ from torchmetrics.text import Perplexity
 
 from rlhf_lightning.data.packing import pack_sequences
 from rlhf_lightning.logprobs import causal_lm_logprobs
-from rlhf_lightning.models import ModelSpecArg, load_causal_lm
+from rlhf_lightning.models import ModelSpecArg, PeftArg, load_causal_lm, prepare_trainable
 from rlhf_lightning.modules.base import RLHFModuleBase
 from rlhf_lightning.modules.optim import Optimization
 from rlhf_lightning.modules.packed_forward import packed_logprobs, packing_mode
@@ -39,6 +39,8 @@ class SFTModule(RLHFModuleBase):
         padding_free: bool = True,
         max_row_tokens: int | None = None,
         on_nonfinite: str = "error",
+        peft: PeftArg = None,
+        disable_dropout: bool = True,
     ):
         """Supervised fine-tuning of a causal LM on prompt/completion demonstrations.
 
@@ -56,6 +58,12 @@ class SFTModule(RLHFModuleBase):
             max_row_tokens: token budget of a packed row; ``None`` = the batch's longest sequence.
             on_nonfinite: ``"error"`` (default) stops the run when a loss or gradient is NaN/inf, naming the
                 step and the quantity; ``"skip"`` drops that optimizer step and warns.
+            peft: LoRA adapters instead of full fine-tuning: a dict of ``peft.LoraConfig`` keyword
+                arguments, e.g. ``{r: 16, lora_alpha: 32, target_modules: all-linear}`` (needs
+                ``pip install 'rlhf-lightning[peft]'``). Only the adapters train; the export
+                writes the adapter (``HFExport(merge_adapters=true)`` also writes merged weights).
+            disable_dropout: set every dropout probability of the trained model to 0 (TRL's default):
+                with dropout, the model in train mode differs from itself in eval mode.
         """
         super().__init__()
         self.on_nonfinite = on_nonfinite
@@ -65,9 +73,10 @@ class SFTModule(RLHFModuleBase):
         self.padding_free = padding_free
         self.max_row_tokens = max_row_tokens
         self._init_tokenizer(tokenizer, model)
-        self.model = load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.model = prepare_trainable(
+            load_causal_lm(model, tokenizer=self.tokenizer, dtype=dtype),
+            peft=peft, no_dropout=disable_dropout, gradient_checkpointing=gradient_checkpointing,
+        )
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
 
     @property

@@ -95,7 +95,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
     # REINFORCE++ (returns normalised over all ranks).
     "grpo": ("grpo", {"reference": "tiny"}, None),
     "reinforce_pp": ("reinforce_pp", {}, None),
+    # LoRA: adapters (+ value / score head) train, the reference is the policy with adapters disabled.
+    "reward_model_lora": ("reward_model", {"peft": "lora"}, None),
+    "dpo_lora": ("dpo", {"peft": "lora"}, None),
+    "ppo_lora": ("ppo", {"peft": "lora"}, None),
 }
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 # The single-process run each variant is compared with.
 REFERENCE_VARIANT = {name: ("dpo" if name in ("dpo_fsdp2_options", "dpo_precomputed") else name) for name in VARIANTS}
 LOGGED = {
@@ -154,11 +159,12 @@ def build(method: str, options: dict[str, Any], tokenizer_dir: str, per_device_b
     torch.manual_seed(0)
     model = dict(TINY_LLAMA)
     optim = Optimization(lr=1e-2)
+    peft = LORA if options.get("peft") == "lora" else None
     if method == "reward_model":
-        module = RewardModelModule(model=model, tokenizer=tokenizer_dir, optim=optim)
+        module = RewardModelModule(model=model, tokenizer=tokenizer_dir, optim=optim, peft=peft)
     elif method == "dpo":
         module = DPOModule(model=model, tokenizer=tokenizer_dir, beta=0.5, optim=optim,
-                           precompute_reference=options.get("precompute_reference", False))
+                           precompute_reference=options.get("precompute_reference", False), peft=peft)
     elif method == "ppo":
         module = RecordingPPO(
             policy=model,
@@ -171,6 +177,7 @@ def build(method: str, options: dict[str, Any], tokenizer_dir: str, per_device_b
             kl_coef=0.1,
             log_samples_every_n_steps=0,
             optim=optim,
+            peft=peft,
         )
     elif method in ("grpo", "reinforce_pp"):
         module = RecordingPolicyGradient(
@@ -283,7 +290,8 @@ def run_variant(variant: str, strategy_name: str, devices: int, out_dir: str, to
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=target,
-        callbacks=[recorder, HFExport(dirpath=os.path.join(target, "hf"), on_best=False)],
+        # LoRA runs also write merged weights (`final-merged`): the adapter of an inline config names no base.
+        callbacks=[recorder, HFExport(dirpath=os.path.join(target, "hf"), on_best=False, merge_adapters=bool(options.get("peft")))],
         use_distributed_sampler=False,
     )
     data.train_dataloader = lambda: in_order_train_loader(data, trainer)

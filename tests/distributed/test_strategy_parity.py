@@ -29,8 +29,9 @@ import parity_kit as kit  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 DISTRIBUTED_VARIANTS = {
-    "ddp": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_precomputed", "grpo", "reinforce_pp"],
-    "fsdp2": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_fsdp2_options", "grpo", "reinforce_pp"],
+    "ddp": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_precomputed", "grpo", "reinforce_pp", "dpo_lora", "ppo_lora"],
+    "fsdp2": ["reward_model", "dpo", "ppo", "ppo_critic", "dpo_fsdp2_options", "grpo", "reinforce_pp", "reward_model_lora", "dpo_lora",
+              "ppo_lora"],
 }
 LOSS_KEYS = {
     "reward_model": ["train/loss"], "dpo": ["train/loss"], "ppo": ["loss/policy", "loss/value"],
@@ -108,7 +109,8 @@ def test_losses_match_single_process(strategy, variant, single_dir, distributed_
                 assert part["completions"] == [by_index[i] for i in part["index"]]
 
 
-@pytest.mark.parametrize("variant", ["reward_model", "dpo", "ppo", "ppo_critic", "grpo", "reinforce_pp"])
+@pytest.mark.parametrize("variant", ["reward_model", "dpo", "ppo", "ppo_critic", "grpo", "reinforce_pp", "reward_model_lora", "dpo_lora",
+                                     "ppo_lora"])
 def test_fsdp2_export_reloads_with_the_sharded_models_outputs(variant, distributed_dirs, single_dir):
     """The consolidated HF directory written from the sharded run reloads with ``from_pretrained`` and
     gives the outputs the trained sharded model gave (probe.pt, computed under FSDP2 after fit)."""
@@ -120,9 +122,10 @@ def test_fsdp2_export_reloads_with_the_sharded_models_outputs(variant, distribut
     sharded_outputs = torch.load(os.path.join(folder, "probe.pt"))
     ids = torch.tensor(kit.PROBE_IDS)
     mask = torch.ones_like(ids)
-    export = os.path.join(folder, "hf", "final")
+    # LoRA: the merged export (base + adapters) is the plain HF directory to compare.
+    export = os.path.join(folder, "hf", "final-merged" if variant.endswith("_lora") else "final")
     with torch.no_grad():
-        if variant == "reward_model":
+        if variant.startswith("reward_model"):
             reloaded = reward_model_scores(load_reward_model(export), ids, mask)
         else:
             reloaded = AutoModelForCausalLM.from_pretrained(export)(input_ids=ids, attention_mask=mask).logits
