@@ -118,7 +118,7 @@ SHAPES: dict[str, dict[str, int]] = {
                 warmup=2, steps=10, ppo_warmup=1, ppo_steps=2),
     "tiny": dict(sft_batch=4, pair_batch=4, prompt_len=8, completion_len=16, ppo_prompts=4, ppo_prompt_len=8,
                  max_new_tokens=8, samples_per_prompt=2, grpo_group=4, ppo_epochs=2, num_minibatches=2,
-                 warmup=1, steps=2, ppo_warmup=1, ppo_steps=1),
+                 warmup=1, steps=2, ppo_warmup=1, ppo_steps=2),  # 3 rollouts: a first rollout whose group scores tie gives no update
 }
 LEARNING_RATE = {"gpu": 1e-5, "tiny": 1e-3}
 

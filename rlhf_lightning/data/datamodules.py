@@ -9,10 +9,11 @@ Tokenizer resolution, first that applies: an object set with ``set_tokenizer()``
 ``tokenizer`` attribute (every rlhf-lightning module has one), so a YAML config names it only once.
 
 Under DDP every rank tokenizes the same data (deterministically). With ``cache_dir`` set, ``prepare_data``
-(run once per node) writes the cache and the ranks' ``setup`` read it. On one process the training order
-is a :class:`~rlhf_lightning.data.sampler.ResumableSampler` keyed by ``(seed, epoch)`` whose position is
-saved in checkpoints (``state_dict``), so a resumed run continues with the very next batch; under DDP
-Lightning swaps in a ``DistributedSampler`` itself.
+(run once per node) writes the cache and the ranks' ``setup`` read it. The training order is a
+:class:`~rlhf_lightning.data.sampler.ResumableSampler` keyed by ``(seed, epoch)`` whose position is
+saved in checkpoints (``state_dict``), so a resumed run continues with the very next batch; under data
+parallelism each rank takes its share of the same order (the sampler is a ``DistributedSampler``, so
+Lightning keeps it).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class RLHFDataModule(L.LightningDataModule):
             group_by_length: shuffled training batches of similar lengths (sorted within shuffled
                 windows of 50 batches, :class:`~rlhf_lightning.data.samplers.LengthGroupedSampler`, as
                 resumable as the default order): less padding for modules run with ``padding_free: false``.
-                Single process only: under data parallelism Lightning's ``DistributedSampler`` orders the data.
+                Single process only: under data parallelism the default (resumable) order is used.
             min_completion_tokens: records whose completion truncation cuts below this many tokens are
                 counted and warned about (once, with the count).
             drop_short_completions: drop those records instead.
@@ -287,10 +288,6 @@ class RLHFDataModule(L.LightningDataModule):
             **extra,
         )
 
-    def _distributed(self) -> bool:
-        trainer = self._trainer_or_none()
-        return trainer is not None and trainer.world_size > 1
-
     def _trainer_or_none(self):
         try:
             return self.trainer
@@ -299,21 +296,28 @@ class RLHFDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training batches in the order of :class:`~rlhf_lightning.data.sampler.ResumableSampler` (keyed by
-        ``(seed, epoch)``, resumed at the checkpoint's position). Under data parallelism Lightning's
-        ``DistributedSampler`` (seeded per epoch) orders and shards the data instead."""
+        ``(seed, epoch)``, resumed at the checkpoint's position); each data-parallel rank takes its share."""
         self.load()
         if self.train_set is None:
             raise ValueError(f"{type(self).__name__} has no training data: set train_file or dataset.")
-        if self._distributed():
-            self._train_sampler = None
-            return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle)
-        if self.shuffle and self.group_by_length:
+        trainer = self._trainer_or_none()
+        num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if self.shuffle and self.group_by_length and num_replicas == 1:
             lengths = example_lengths(self.train_set.data.features)
             self._train_sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self._order_seed())
         else:
-            self._train_sampler = ResumableSampler(len(self.train_set), seed=self._order_seed(), shuffle=self.shuffle)
+            self._train_sampler = ResumableSampler(
+                len(self.train_set), seed=self._order_seed(), shuffle=self.shuffle, num_replicas=num_replicas, rank=rank
+            )
         if self._resume_state is not None:
-            self._train_sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
+            if self._resume_state["num_replicas"] == num_replicas:
+                self._train_sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
+            else:
+                log.warning(
+                    "The checkpoint was written by %d process(es), this run has %d: epoch %d restarts from its "
+                    "first batch (the records already trained on this epoch are seen again).",
+                    self._resume_state["num_replicas"], num_replicas, self._resume_state["epoch"],
+                )
             self._resume_state = None
         return self._loader(self.train_set, self.batch_size, shuffle=self.shuffle, sampler=self._train_sampler)
 
@@ -347,9 +351,10 @@ class RLHFDataModule(L.LightningDataModule):
                 state.get("seed"), state.get("shuffle"), state.get("n"), self._order_seed(), self.shuffle, train_size,
             )
             return
-        self._resume_state = {"epoch": int(state["epoch"]), "position": int(state["position"])}
+        self._resume_state = {"epoch": int(state["epoch"]), "position": int(state["position"]),
+                              "num_replicas": int(state.get("num_replicas", 1))}
         sampler = getattr(self, "_train_sampler", None)
-        if sampler is not None:
+        if sampler is not None and sampler.num_replicas == self._resume_state["num_replicas"]:
             sampler.resume_at(self._resume_state["epoch"], self._resume_state["position"])
 
     def val_dataloader(self) -> DataLoader | list:

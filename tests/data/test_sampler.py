@@ -48,3 +48,20 @@ def test_datamodule_state_round_trip_and_mismatch_warning(tokenizer_dir, assets_
         other.load_state_dict(state)
     assert "differs from this run's" in caplog.text
     assert len([int(i) for batch in other.train_dataloader() for i in batch["index"]]) == 32
+
+
+def test_ranks_share_one_order_and_resume_their_own_position():
+    """Two data-parallel ranks take alternate positions of the single-process order (padded by its head to
+    an even length); each resumes at its own saved position; Lightning keeps the sampler (it is a
+    DistributedSampler, so no wrapper lists and re-indexes a shortened epoch)."""
+    from torch.utils.data import DistributedSampler
+
+    single = list(ResumableSampler(7, seed=3))
+    ranks = [ResumableSampler(7, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    padded = single + single[:1]
+    assert [list(s) for s in ranks] == [padded[0::2], padded[1::2]]
+    assert all(isinstance(s, DistributedSampler) and len(s) == 4 for s in ranks)
+    ranks[1].resume_at(0, 2)
+    assert list(ranks[1]) == padded[1::2][2:]
+    assert list(ranks[1]) == padded[1::2]  # one resumed pass only
+    assert ranks[0].state(2)["num_replicas"] == 2
