@@ -42,10 +42,10 @@ def test_quickstart_notebook_runs_on_the_pipeline_run(tiny_pipeline_run, monkeyp
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     text = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
     images = [output for output in outputs if "image/png" in output.get("data", {})]
-    # One figure per plot() call (6) and the frontier image.
-    assert len(images) >= 7, f"expected >= 7 figures, got {len(images)}"
+    # One figure per plot() call (7) and the frontier image.
+    assert len(images) >= 8, f"expected >= 8 figures, got {len(images)}"
     assert all(base64.b64decode(image["data"]["image/png"])[:4] == b"\x89PNG" for image in images)
-    for stage in ("sft", "reward_model", "modpo_margin_rm", "dpo", "modpo", "ppo", "fine_grained"):
+    for stage in ("sft", "reward_model", "modpo_margin_rm", "dpo", "modpo", "ppo", "rloo", "fine_grained"):
         assert f"{stage}: reused" in text, f"the notebook retrained {stage}"
     assert "held-out pairwise accuracy" in text
 
@@ -53,6 +53,6 @@ def test_quickstart_notebook_runs_on_the_pipeline_run(tiny_pipeline_run, monkeyp
     report = run_dir / "notebook_report"
     with open(report / "results.csv") as handle:
         methods = [row["method"] for row in csv.DictReader(handle)]
-    assert methods == ["SFT", "DPO", "MODPO", "PPO", "Fine-Grained RLHF"]
+    assert methods == ["SFT", "DPO", "MODPO", "PPO", "RLOO", "Fine-Grained RLHF"]
     assert all(f"| {method} |" in markdown for method in methods)
     assert (run_dir / "results.md").read_text() == results_before  # the pipeline's own report is left alone

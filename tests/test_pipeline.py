@@ -89,7 +89,7 @@ def _config_targets(stage: pipeline.PipelineStage) -> dict[str, float]:
     if stage.name == "modpo":
         names = [_pairs_objective(config)] + [source["init_args"]["name"] for source in args["margin_sources"]]
         return dict(zip(names, map(float, args["weights"])))
-    if stage.name == "ppo":
+    if stage.name in ("ppo", "rloo"):
         reward_stage = args["reward"]["init_args"]["model"].split("/")[1]  # outputs/<stage>/hf/final
         return {_pairs_objective(_config(stages[reward_stage])): 1.0}
     if stage.name == "fine_grained":
@@ -101,6 +101,36 @@ def _config_targets(stage: pipeline.PipelineStage) -> dict[str, float]:
 @pytest.mark.parametrize("stage", [s for s in pipeline.STAGES if s.method is not None], ids=lambda s: s.name)
 def test_declared_targets_are_what_the_config_optimises(stage):
     assert stage.targets == _config_targets(stage)
+
+
+def test_stage_list_runs_every_method_after_what_it_reads():
+    assert [s.name for s in pipeline.STAGES] == [
+        "sft", "reward_model", "dpo", "modpo_margin_rm", "modpo", "ppo", "rloo", "fine_grained"]
+    assert METHODS == ["DPO", "MODPO", "PPO", "RLOO", "Fine-Grained RLHF"]
+
+
+def test_rloo_and_ppo_train_the_sft_policy_against_the_same_reward_model():
+    """The critic-free stage is comparable with PPO's row: same policy, reward model, prompts and length."""
+    stages = {s.name: s for s in pipeline.STAGES}
+    ppo, rloo = _config(stages["ppo"]), _config(stages["rloo"])
+    assert rloo["model"]["class_path"] == "rlhf_lightning.modules.RLOOModule"
+    for key in ("policy", "tokenizer", "reference"):
+        assert rloo["model"]["init_args"][key] == ppo["model"]["init_args"][key]
+    assert rloo["model"]["init_args"]["reward"] == ppo["model"]["init_args"]["reward"]
+    assert rloo["model"]["init_args"]["sampling"]["max_new_tokens"] == ppo["model"]["init_args"]["sampling"]["max_new_tokens"]
+    assert rloo["data"]["init_args"]["train_file"] == ppo["data"]["init_args"]["train_file"]
+    # --quick shortens both to the same number of rollouts, with the same warm-up.
+    assert stages["rloo"].quick_overrides == stages["ppo"].quick_overrides
+    assert (stages["rloo"].targets, stages["rloo"].depends_on) == (stages["ppo"].targets, stages["ppo"].depends_on)
+
+
+def test_materialized_rloo_config_writes_under_the_run_dir(tmp_path):
+    text = pipeline.materialize_config("rloo.yaml", tmp_path).read_text()
+    assert "outputs/" not in text
+    config = yaml.safe_load(text)
+    assert config["model"]["init_args"]["policy"] == f"{tmp_path.as_posix()}/sft/hf/final"
+    assert config["model"]["init_args"]["reward"]["init_args"]["model"] == f"{tmp_path.as_posix()}/reward_model/hf/final"
+    assert config["trainer"]["default_root_dir"] == f"{tmp_path.as_posix()}/rloo"
 
 
 def test_margin_rm_trains_the_objective_modpo_names():
@@ -128,6 +158,9 @@ def test_depends_on_lists_the_exports_the_config_reads(stage):
 def test_run_stage_names_missing_dependencies(tmp_path):
     with pytest.raises(FileNotFoundError, match="modpo_margin_rm"):
         pipeline.run_stage("modpo", tmp_path)
+    _fake_export(tmp_path, "sft")
+    with pytest.raises(FileNotFoundError, match=r"\['reward_model'\]"):
+        pipeline.run_stage("rloo", tmp_path)
 
 
 def test_unknown_stage_fails_before_anything_runs(tmp_path):
