@@ -1,4 +1,4 @@
-"""PPO + Elastic Reset vs PPO alone at equal steps: gold score and KL to the SFT policy (issue 8).
+"""PPO + Elastic Reset vs PPO alone at equal steps: gold score and KL to the SFT policy.
 
 Runs ``--config`` (default ``configs/ppo_elastic_reset.yaml``) twice per seed: as written ("elastic_reset")
 and with its ``ElasticReset`` callback removed ("ppo"); everything else — reward (the gold sentiment

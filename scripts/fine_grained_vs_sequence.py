@@ -1,4 +1,4 @@
-"""Fine-grained vs sequence-level rewards: the same sources, the same reward budget, several seeds (issue 7).
+"""Fine-grained vs sequence-level rewards: the same sources, the same reward budget, several seeds.
 
 Runs ``configs/fine_grained.yaml`` (segment-level rewards) and ``configs/fine_grained_sequence.yaml``
 (the same sources paid once per completion) for ``--steps`` rollouts per seed, scores the policy on

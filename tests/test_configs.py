@@ -98,7 +98,7 @@ def test_fine_grained_configs_share_sources_weights_and_budget():
     sequence_specs = sequence["model"]["init_args"]["segment_rewards"]
     assert [(s["source"], s["weight"]) for s in fine_specs] == [(s["source"], s["weight"]) for s in sequence_specs]
     assert {s["granularity"] for s in sequence_specs} == {"sequence"}
-    assert len({s["granularity"] for s in fine_specs}) >= 2  # at least two granularities (issue 7)
+    assert len({s["granularity"] for s in fine_specs}) >= 2  # at least two granularities
     for spec in fine_specs:  # same budget: gold sources are normalised; the repetition penalty is additive
         if spec["source"]["class_path"].endswith("GoldSegmentScorer"):
             assert spec.get("normalize") is True and spec["source"]["init_args"]["aggregate"] == "mean"

@@ -145,7 +145,7 @@ def test_shifted_grid_matches_rollout_convention():
     assert columns[-1] == mask.shape[1] - 1  # the last completion token is the last action
 
 
-# ---- edge cases of issue 7: empty completion, no punctuation, truncated last segment ----------------
+# ---- segmentation edge cases: empty completion, no punctuation, truncated last segment ----------------
 
 
 def test_segmenters_on_empty_and_whitespace_completions():

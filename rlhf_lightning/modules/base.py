@@ -188,7 +188,7 @@ class RLHFModuleBase(L.LightningModule):
 
         Lightning zeroes gradients inside the *next* step's closure, after that step's forward, so one
         gradient-sized buffer per parameter would stay alive through every forward: measured +15% peak
-        memory over the bare loop (docs/results/issue4.md). DeepSpeed zeroes them in its own step.
+        memory over the bare loop (docs/results/dpo.md). DeepSpeed zeroes them in its own step.
         """
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not isinstance(self.trainer.strategy, DeepSpeedStrategy):

@@ -28,7 +28,7 @@ so that the same sources can be compared at sequence level (``scripts/fine_grain
 per-episode sum the mean segment score — the scale of a sequence-level "mean over sentences" score —
 so a fine-grained and a sequence-level run can be given the same reward budget. The price: a segment's
 reward then depends on how many segments follow it, which GAE charges to the earlier tokens rather than
-to the decision to keep writing; measured on the embedded world (docs/results/issue7.md), this makes
+to the decision to keep writing; measured on the embedded world (docs/results/fine_grained.md), this makes
 fine-grained policies write longer and stall on mean-based scores, while an un-normalised (sum) budget,
 which is causal, let them learn much faster per rollout than at sequence level (one seed).
 """

@@ -345,7 +345,7 @@ class WorldConfig:
     seed: int = 0
     n_demonstrations: int = 8000  # a 2-4 layer LM learns the templates in a few CPU minutes
     n_val_demonstrations: int = 500
-    n_pairs: int = 12000  # per objective: the RM needs ~12k noisy pairs to pass 0.85 held-out accuracy (issue 4)
+    n_pairs: int = 12000  # per objective: the RM needs ~12k noisy pairs to pass 0.85 held-out accuracy
     n_val_pairs: int = 500  # per objective, noise-free
     n_prompts: int = 1000
     n_eval_prompts: int = 200

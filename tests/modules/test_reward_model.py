@@ -137,7 +137,7 @@ def test_reward_model_config_learns_gold_preferences_with_label_noise(world_dir,
 
     Measured 0.821 / 0.836 / 0.831 / 0.823 (seeds 0-3); 0.78 leaves ~5 standard errors of the 2,000-pair estimate for
     CPU-to-CPU float differences. The full config on the default world reaches 0.87-0.89 on its 500
-    held-out pairs (docs/results/issue4.md)."""
+    held-out pairs (docs/results/dpo.md)."""
     import json
     import random
 
