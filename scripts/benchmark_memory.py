@@ -32,6 +32,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/bench
+
+from bench.harness import _config as harness_config  # noqa: E402
 
 MODES = ("sft_lora", "dpo_lora", "dpo_full")
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
@@ -39,16 +42,7 @@ _MMAP_THRESHOLD = str(64 * 1024)
 
 
 def _config(args) -> dict[str, Any]:
-    return {
-        "model_type": "llama",
-        "hidden_size": args.hidden_size,
-        "intermediate_size": 4 * args.hidden_size,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": max(1, args.hidden_size // 64),
-        "num_key_value_heads": max(1, args.hidden_size // 64),
-        "max_position_embeddings": max(256, args.seq_len),
-        "tie_word_embeddings": False,
-    }
+    return harness_config(args, head_dim=64)
 
 
 class _Rows(torch.utils.data.Dataset):

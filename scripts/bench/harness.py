@@ -32,14 +32,15 @@ def _tokenizer_dir(vocab: int) -> str:
     return path
 
 
-def _config(args) -> dict[str, Any]:
+def _config(args, head_dim: int = 32) -> dict[str, Any]:
+    """The benchmark's random Llama: ``args.hidden_size`` wide, ``args.layers`` deep, heads of ``head_dim``."""
     return {
         "model_type": "llama",
         "hidden_size": args.hidden_size,
         "intermediate_size": 4 * args.hidden_size,
         "num_hidden_layers": args.layers,
-        "num_attention_heads": max(1, args.hidden_size // 32),
-        "num_key_value_heads": max(1, args.hidden_size // 32),
+        "num_attention_heads": max(1, args.hidden_size // head_dim),
+        "num_key_value_heads": max(1, args.hidden_size // head_dim),
         "max_position_embeddings": max(256, args.seq_len),
         "tie_word_embeddings": False,
     }
