@@ -6,17 +6,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
 
-import torch
-
-from rlhf_lightning.rewards.base import _device_of
+from rlhf_lightning.rewards.base import FunctionRewardSource
 
 __all__ = ["VerifiableRewardSource"]
 
 
-class VerifiableRewardSource:
-    """0/1 reward of a verifiable task of the embedded world (see ``rlhf_lightning.synthetic.verifiable``).
+class VerifiableRewardSource(FunctionRewardSource):
+    """0/1 reward of a verifiable task of the embedded world (see ``rlhf_lightning.synthetic.verifiable``):
+    a :class:`FunctionRewardSource` over the task's rule, named in YAML by the task alone.
 
     Args:
         task: ``"states_rating"`` (the review states the prompt's rating, and no other) or
@@ -28,22 +26,9 @@ class VerifiableRewardSource:
         tasks = importlib.import_module("rlhf_lightning.synthetic.verifiable").VERIFIABLE_TASKS
         if task not in tasks:
             raise ValueError(f"Unknown verifiable task {task!r}; choose from {sorted(tasks)}")
+        super().__init__(tasks[task], name=name or f"verifiable/{task}")
         self.task = task
-        self.rule = tasks[task]
-        self.name = name or f"verifiable/{task}"
-
-    def __call__(
-        self,
-        prompts: Sequence[str],
-        completions: Sequence[str],
-        *,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if len(prompts) != len(completions):
-            raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions")
-        values = [self.rule(p, c) for p, c in zip(prompts, completions)]
-        return torch.tensor(values, dtype=torch.float32, device=_device_of(input_ids))
+        self.rule = self.fn
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.task!r})"

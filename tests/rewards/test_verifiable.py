@@ -19,5 +19,5 @@ def test_scores_each_completion_against_its_prompt():
 def test_bad_task_and_length_mismatch():
     with pytest.raises(ValueError, match="Unknown verifiable task"):
         VerifiableRewardSource("sudoku")
-    with pytest.raises(ValueError, match="2 prompts and 1 completions"):
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         VerifiableRewardSource()(["a", "b"], ["c"])
