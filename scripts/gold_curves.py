@@ -84,13 +84,14 @@ class GoldCurve(L.Callback):
         self.eval_seed = eval_seed
         self.batch_size = batch_size
         self.scorers = dict(scorers or {})
-        clash = set(self.scorers) & {*GOLD_OBJECTIVES, "gold", "step", "kl_to_reference", "response_length", "train_time_s"}
+        clash = set(self.scorers) & {*GOLD_OBJECTIVES, "gold", "step", "kl_to_reference", "response_length", "train_time_s", "train_cpu_s"}
         if clash:
             raise ValueError(f"extra scorer names {sorted(clash)} clash with GoldCurve's own columns")
         self.rows: list[dict[str, float]] = []  # one per evaluation
         self.train_rows: list[dict[str, float]] = []  # one per rollout
         self._train_time = 0.0  # wall seconds of training, evaluations excluded
-        self._mark = 0.0
+        self._train_cpu = 0.0  # CPU seconds of this process (all threads) in training, evaluations excluded
+        self._mark = self._mark_cpu = 0.0
 
     def evaluate(self, module: L.LightningModule, step: int) -> dict[str, float]:
         """Gold scores and KL to ``module.reference`` of the current policy; appends and returns the row."""
@@ -106,6 +107,7 @@ class GoldCurve(L.Callback):
         row["kl_to_reference"] = float(result.metrics.get("kl_to_reference", math.nan))
         row["response_length"] = float(result.metrics["response_length"])
         row["train_time_s"] = round(self._train_time, 1)
+        row["train_cpu_s"] = round(self._train_cpu, 1)
         self.rows.append(row)
         print(
             f"  step {step:4d}  gold {row['gold']:+.3f}  KL {row['kl_to_reference']:6.2f}  "
@@ -116,12 +118,13 @@ class GoldCurve(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.evaluate(pl_module, 0)
-        self._mark = time.perf_counter()
+        self._mark, self._mark_cpu = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Callbacks run in list order: this one is appended last, so it sees the policy after every
         # configured callback (e.g. right after an Elastic Reset).
         self._train_time += time.perf_counter() - self._mark
+        self._train_cpu += time.process_time() - self._mark_cpu
         step = trainer.global_step
         metrics = {
             name: float(value)
@@ -131,7 +134,7 @@ class GoldCurve(L.Callback):
         self.train_rows.append({"step": step, **metrics})
         if step % self.every == 0:
             self.evaluate(pl_module, step)
-        self._mark = time.perf_counter()
+        self._mark, self._mark_cpu = time.perf_counter(), time.process_time()
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.rows or self.rows[-1]["step"] != trainer.global_step:

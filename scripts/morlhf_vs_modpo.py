@@ -16,7 +16,9 @@ Every policy is evaluated as the sweep evaluates (same prompts, same sampling se
 ``<run-dir>/morlhf_vs_modpo.csv`` (one row per policy: gold scores, KL to SFT, training wall seconds,
 examples seen) and ``morlhf_vs_modpo.png`` (both fronts in gold sentiment x gold consistency).
 Compute is training wall time on this machine (``train_s``; the reward models' time in ``reward_models_s``:
-MODPO needs the margin model, MORLHF both) and the examples each method consumed (``examples``: MODPO's
+MODPO needs the margin model, MORLHF both), the same as CPU seconds of the training process, all threads
+(``train_cpu_s`` / ``reward_models_cpu_s``: unlike wall time, not inflated by other processes' load; MORLHF's
+exclude its periodic gold evaluations, as its wall time does) and the examples each method consumed (``examples``: MODPO's
 preference pairs, MORLHF's sampled episodes).
 """
 
@@ -59,17 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     world, sft = pareto_sweep.prepare_base(args, run_dir)
     modpo_rows = pareto_sweep.run_sweep(args)  # its stages are reused when their exports exist
 
-    def seconds(stage: Path) -> float:
-        path = stage / "train_time_s.txt"
+    def seconds(stage: Path, name: str = "train_time_s.txt") -> float:
+        path = stage / name
         return float(path.read_text()) if path.exists() else float("nan")
 
     margin_stage = run_dir / "modpo_margin_rm"
     modpo_pairs = (args.steps or 160) * (args.batch_size or 32)  # configs/modpo.yaml: 160 steps of 32 pairs
     for row in modpo_rows:
         if row[f"w_{OBJECTIVE}"] != "":
-            row.update(method="MODPO", examples=modpo_pairs, reward_models_s=seconds(margin_stage))
+            stage = run_dir / pareto_sweep.stage_name(float(row[f"w_{OBJECTIVE}"]))
+            row.update(method="MODPO", examples=modpo_pairs, reward_models_s=seconds(margin_stage),
+                       train_cpu_s=seconds(stage, "train_cpu_s.txt"),
+                       reward_models_cpu_s=seconds(margin_stage, "train_cpu_s.txt"))
         else:
-            row.update(method="SFT", examples=0, reward_models_s=0.0)
+            row.update(method="SFT", examples=0, reward_models_s=0.0, train_cpu_s=0.0, reward_models_cpu_s=0.0)
 
     # ---- the sentiment reward model ----------------------------------------------------------------------
     rm_overrides = [f"--seed_everything={args.seed}", f"--model.init_args.tokenizer={world}/tokenizer",
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             module.policy.save_pretrained(export)
             module.tokenizer.save_pretrained(export)
             (stage / "train_time_s.txt").write_text(f"{curve.rows[-1]['train_time_s']}\n")
+            (stage / "train_cpu_s.txt").write_text(f"{curve.rows[-1]['train_cpu_s']}\n")
             write_csv(str(stage / "curves.csv"), curve.rows)
         result = evaluate_run(export, sft, world / "prompts_eval.jsonl", num_prompts=args.eval_prompts,
                               max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -120,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                     if key.startswith("gold/") or key in ("kl_to_reference", "response_length")})
         batch = 16 * 2  # configs/ppo.yaml: 16 prompts x 2 samples per rollout
         row.update(method="MORLHF", train_s=seconds(stage), examples=args.ppo_steps * batch,
-                   reward_models_s=sentiment_rm_s + seconds(margin_stage))
+                   reward_models_s=sentiment_rm_s + seconds(margin_stage), train_cpu_s=seconds(stage, "train_cpu_s.txt"),
+                   reward_models_cpu_s=seconds(run_dir / "reward_model_sentiment", "train_cpu_s.txt")
+                   + seconds(margin_stage, "train_cpu_s.txt"))
         rows.append(row)
         print(f"[morlhf] {row['policy']}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
     write_results(rows, run_dir, suffix)
@@ -147,7 +155,8 @@ def write_results(rows: list[dict], run_dir: Path, suffix: str = "") -> None:
         if not front:
             continue
         axis.plot([r[x] for r in front], [r[y] for r in front], style, label=f"{method} (train s: "
-                  + ", ".join(f"{r['train_s']:.0f}" for r in front) + ")")
+                  + ", ".join(f"{r['train_s']:.0f}" for r in front) + "; CPU s: "
+                  + ", ".join(f"{r.get('train_cpu_s', float('nan')):.0f}" for r in front) + ")")
         for r in front:
             axis.annotate(f"{r[f'w_{OBJECTIVE}']:.1f}", (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for r in rows:

@@ -91,14 +91,16 @@ def prepare_base(args: argparse.Namespace, run_dir: Path) -> tuple[Path, Path]:
 
 
 def timed_fit_stage(config, stage_dir: Path, overrides: list[str], *, force: bool = False) -> tuple[Path, float]:
-    """``fit_stage`` that keeps the training wall time in ``<stage_dir>/train_time_s.txt``, read back when the
-    stage is reused (NaN if an older run left no record)."""
+    """``fit_stage`` that keeps the training wall time in ``<stage_dir>/train_time_s.txt`` (and this process's CPU
+    seconds, all threads, in ``train_cpu_s.txt``), read back when the stage is reused (NaN if an older run left no
+    record)."""
     timing = Path(stage_dir) / "train_time_s.txt"
     trained = force or not (stage_export_dir(stage_dir) / "config.json").exists()
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     export = fit_stage(config, stage_dir, overrides, force=force, quiet=True)
     if trained:
         timing.write_text(f"{time.perf_counter() - started:.1f}\n")
+        (Path(stage_dir) / "train_cpu_s.txt").write_text(f"{time.process_time() - started_cpu:.1f}\n")
     return export, float(timing.read_text()) if timing.exists() else float("nan")
 
 

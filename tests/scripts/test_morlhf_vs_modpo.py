@@ -20,14 +20,15 @@ def test_arguments_extend_the_sweep():
 
 def test_results_table_and_figure(tmp_path):
     rows = [{"policy": "SFT", "w_sentiment": "", "w_consistency": "", "gold/sentiment": 0.0, "gold/consistency": 0.7,
-             "method": "SFT", "train_s": 0.0}]
+             "method": "SFT", "train_s": 0.0, "train_cpu_s": 0.0}]
     for method, shift in (("MODPO", 0.0), ("MORLHF", 0.05)):
         for w in (0.9, 0.1):
             rows.append({"policy": f"{method} w={w}", "w_sentiment": w, "w_consistency": round(1 - w, 6),
                          "gold/sentiment": w / 2 + shift, "gold/consistency": 0.7 - w / 2, "method": method,
-                         "train_s": 10.0})
+                         "train_s": 10.0, "train_cpu_s": 18.5})
     load_script().write_results(rows, tmp_path)
     with open(tmp_path / "morlhf_vs_modpo.csv") as handle:
         written = list(csv.DictReader(handle))
     assert [r["policy"] for r in written] == [r["policy"] for r in rows]
+    assert [float(r["train_cpu_s"]) for r in written] == [r["train_cpu_s"] for r in rows]  # CPU seconds beside wall
     assert (tmp_path / "morlhf_vs_modpo.png").stat().st_size > 0
