@@ -47,7 +47,7 @@ import torch
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_SCRIPTS), _SCRIPTS]  # the package, and scripts/bench
 
-from bench.harness import _device, _median, _step_cost  # noqa: E402
+from bench.harness import _device, _median, _step_cost, emit_table  # noqa: E402
 from bench.offline import (  # noqa: E402
     PAIR_SHAPES,
     _measure,
@@ -163,10 +163,7 @@ def main(argv=None) -> int:
     for name in args.sections:
         rows.extend(SECTIONS[name](args))
     table = (to_markdown(rows, args) if rows else "") + getattr(args, "appendix", "")
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit_table(table, args.out)
     return 0
 
 

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/bench
 
-from bench.harness import _config as harness_config  # noqa: E402
+from bench.harness import _config as harness_config, emit_table  # noqa: E402
 
 MODES = ("sft_lora", "dpo_lora", "dpo_full")
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
@@ -216,10 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     table = to_markdown(rows(args), args)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit_table(table, args.out)
     return 0
 
 

@@ -213,3 +213,11 @@ def _spawn(fn: Callable, kind: str, args, env: dict[str, str], bare: str | None 
     if "error" in result:
         raise RuntimeError(f"{kind}: {result['error']}")
     return result
+
+
+def emit_table(table: str, out: str | None) -> None:
+    """Print a benchmark's markdown table and, with ``out``, write it there too."""
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table)

@@ -18,7 +18,9 @@ from rlhf_lightning.losses import group_advantages
 from rlhf_lightning.modules import GRPOModule, Optimization, PolicyGradientModule, ReinforcePPModule, RLOOModule
 from rlhf_lightning.rewards import FunctionRewardSource, GoldRewardSource
 
-from tests.modules.test_ppo import RecordMetrics, count_great, count_positive, fit, prompts_datamodule
+from tests.modules.test_ppo import (
+    RecordMetrics, _fixture_or_skip, count_great, count_positive, fit, prompts_datamodule,
+)
 
 TRAIN_METRICS = (
     "reward/raw", "reward/score", "kl", "kl_coef", "advantage/std", "entropy", "policy/clipfrac", "policy/approx_kl",
@@ -180,13 +182,6 @@ def test_learns_to_say_great(advantage, tmp_path, tokenizer_dir, assets_dir, tin
         datamodule=prompts_datamodule(tokenizer_dir, assets_dir, batch_size=8))
     early, late = recorder.mean("reward/raw", slice(0, 3)), recorder.mean("reward/raw", slice(-3, None))
     assert late > early + 1.0, (early, late)
-
-
-def _fixture_or_skip(request, name: str):
-    try:
-        return request.getfixturevalue(name)
-    except pytest.FixtureLookupError:
-        pytest.skip(f"needs the session fixture `{name}` (tests/conftest.py)")
 
 
 @pytest.mark.slow
